@@ -1,0 +1,211 @@
+"""The web application: `create_app(settings)` wires every part; importing this module does nothing.
+
+Middleware order is the pipeline: errors (and request id, metrics), then auth for /v1. Health, readiness and
+metrics sit outside auth.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from .cache import EmbeddingCache
+from .config import Settings
+from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
+from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
+from .metrics import Metrics
+from .rediskeys import RedisKeys
+from .request import parse_request
+from .response import render
+from .service import EmbeddingService
+from .store import Store, StoreUnavailable, connect
+from .tokens import Tokenizer
+from .upstream import UpstreamClient
+
+log = logging.getLogger("proxy.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+KEYSTORE = web.AppKey("keystore", KeyStore)
+AUTH = web.AppKey("auth", Authenticator)
+SERVICE = web.AppKey("service", EmbeddingService)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+METRICS = web.AppKey("metrics", Metrics)
+REQUEST_ID = web.RequestKey("request_id", str)
+KEY = web.RequestKey("key", KeyRecord)
+MODEL = web.RequestKey("model", str)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error_response(err: ProxyError) -> web.Response:
+    resp = web.Response(body=err.to_json(), status=err.status, content_type="application/json")
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return resp
+
+
+def _from_http_exception(exc: web.HTTPException) -> ProxyError:
+    if exc.status == 404:
+        return NotFound("Unknown route.", code="unknown_url")
+    if exc.status == 405:
+        return MethodNotAllowed("Method not allowed on this route.", code="method_not_allowed")
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is too large.")
+    err = ProxyError(exc.reason or "Error.")
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("x-request-id", "")
+    request[REQUEST_ID] = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    started = time.perf_counter()
+    try:
+        resp = await handler(request)
+    except ProxyError as err:
+        resp = _error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        resp = _error_response(_from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled error in request %s", request[REQUEST_ID])
+        resp = _error_response(ProxyError("The proxy had an internal error.", code="internal_error"))
+    resp.headers["x-request-id"] = request[REQUEST_ID]
+    if request.path == "/v1/embeddings":
+        key: KeyRecord | None = request.get(KEY)
+        request.app[METRICS].requests.labels(
+            key.team if key else "", key.id if key else "", request.get(MODEL, ""),
+            f"{resp.status // 100}xx", resp.headers.get("x-cache", "none"),
+        ).inc()
+    log.debug("%s %s %d %.1fms", request.method, request.path, resp.status, (time.perf_counter() - started) * 1e3)
+    return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request[KEY] = await request.app[AUTH].authenticate(bearer_key(request.headers))
+    return await handler(request)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    req = parse_request(await request.read(), settings.models)
+    request[MODEL] = req.model
+    key: KeyRecord = request[KEY]
+    check_model(key, req.model)
+    outcome = await app[SERVICE].embed(req, key.team)
+    m = app[METRICS]
+    m.inputs.labels(key.team, req.model, "cache").inc(len(outcome.positions) - outcome.upstream_inputs)
+    m.inputs.labels(key.team, req.model, "upstream").inc(outcome.upstream_inputs)
+    m.tokens.labels(key.team, req.model, "cache").inc(outcome.cached_tokens)
+    m.tokens.labels(key.team, req.model, "upstream").inc(outcome.billed_tokens)
+    resp = web.Response(body=render(req, outcome), content_type="application/json")
+    resp.headers["x-cache"] = outcome.cache
+    return resp
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "embedding-proxy"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    key: KeyRecord = request[KEY]
+    names = [m for m in request.app[SETTINGS].models if key.allows(m)]
+    return _json({"object": "list", "data": [_model_card(m) for m in names]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    key: KeyRecord = request[KEY]
+    if name not in request.app[SETTINGS].models or not key.allows(name):
+        raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+    return _json(_model_card(name))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+def upstream_problems(settings: Settings) -> list[str]:
+    problems = []
+    for name, up in settings.upstreams.items():
+        url = urlsplit(up.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            problems.append(f"upstream {name}: base_url is not an http(s) URL")
+        elif not settings.upstream_api_keys.get(name) and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+            problems.append(f"upstream {name}: ${up.api_key_env} is not set")
+    return problems
+
+
+async def readyz(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    redis_ok = await store.ping()
+    problems = upstream_problems(request.app[SETTINGS])
+    body = {
+        "status": "ready" if redis_ok and not problems else "not ready",
+        "redis": "embedded" if store.embedded else ("ok" if redis_ok else "unreachable"),
+        "upstream": problems or "ok",
+    }
+    return _json(body, 200 if redis_ok and not problems else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=settings.server.max_body_bytes
+    )
+    m = metrics_registry or Metrics()
+    client, embedded = connect(settings.redis)
+    store = Store(client, settings.redis, embedded=embedded, on_error=lambda op: m.redis_errors.labels(op).inc())
+    rkeys = RedisKeys(settings.cache.key_prefix)
+    keystore = KeyStore(store, rkeys)
+    upstream = UpstreamClient(settings, on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
+    cache = EmbeddingCache(store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret)
+    tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
+    service = EmbeddingService(settings, cache, upstream, m, tokenizers)
+    app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
+    app[AUTH] = Authenticator(keystore, settings.keys.offline_grace_s)
+    app[UPSTREAM], app[SERVICE] = upstream, service
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if embedded:
+            log.warning("REDIS_URL is not set: using the embedded in-process store (one process, not durable)")
+        await upstream.start()
+        try:
+            await cache.seed()
+        except StoreUnavailable:
+            log.warning("redis unreachable at start-up: the cache is bypassed until it answers")
+        yield
+        await service.drain()
+        await upstream.close()
+        await store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,74 @@
+"""The embedding cache: one Redis string per (model, dimensions, kind, input).
+
+Value layout: 4-byte little-endian token count, then the vector as little-endian float32. A whole batch is read
+with one MGET and written with one pipeline of SET ... EX.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .rediskeys import RedisKeys, seed_from_secret
+from .store import Store, StoreUnavailable
+
+_HEADER = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    vector: bytes  # little-endian float32
+    tokens: int
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return _HEADER.pack(entry.tokens) + entry.vector
+
+
+def decode_entry(value: bytes, dims: int) -> Entry | None:
+    """The entry, or None when the value is not a well-formed `dims`-sized entry (treated as a miss)."""
+    if len(value) != _HEADER.size + 4 * dims:
+        return None
+    return Entry(value[_HEADER.size :], _HEADER.unpack_from(value)[0])
+
+
+class EmbeddingCache:
+    def __init__(self, store: Store, keys: RedisKeys, *, ttl_s: int, secret: str = "") -> None:
+        self._store = store
+        self._keys = keys
+        self._ttl = ttl_s
+        self._seed: int | None = seed_from_secret(secret) if secret else None
+
+    async def seed(self) -> int:
+        """The hash seed. Without PROXY_CACHE_SECRET every instance adopts the first secret stored in Redis."""
+        if self._seed is None:
+            if self._store.embedded:
+                self._seed = seed_from_secret(secrets.token_urlsafe(32))
+            else:
+                self._seed = seed_from_secret(await self._store.call("cache-secret", self._shared_secret))
+        return self._seed
+
+    async def _shared_secret(self, r: object) -> str:
+        key = self._keys.cache_secret()
+        await r.set(key, secrets.token_urlsafe(32), nx=True)  # type: ignore[attr-defined]
+        value: bytes = await r.get(key)  # type: ignore[attr-defined]
+        return value.decode()
+
+    async def get_many(self, keys: Sequence[str], dims: int) -> list[Entry | None]:
+        """One MGET. Raises StoreUnavailable; callers then go upstream for everything."""
+        values = await self._store.call("mget", lambda r: r.mget(keys))
+        return [None if v is None else decode_entry(v, dims) for v in values]
+
+    async def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        async def write(r: object) -> None:
+            pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
+            for key, entry in items:
+                pipe.set(key, encode_entry(entry), ex=self._ttl)
+            await pipe.execute()
+
+        await self._store.call("set", write)
+
+
+__all__ = ["EmbeddingCache", "Entry", "StoreUnavailable", "decode_entry", "encode_entry"]

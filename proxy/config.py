@@ -1,0 +1,224 @@
+"""Settings: loaded once from TOML plus the environment into frozen, typed objects.
+
+Unknown keys are refused and every error names the file and the key. Defaults sit next to the fields. Secrets come
+only from the environment: `UPSTREAM_API_KEY` (or the variable an upstream's `api_key_env` names),
+`PROXY_ADMIN_KEY`, `PROXY_CACHE_SECRET`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_MODELS_TOML = """
+[models."text-embedding-3-small"]
+dimensions = 1536
+supports_dimensions = true
+
+[models."text-embedding-3-large"]
+dimensions = 3072
+supports_dimensions = true
+
+[models."text-embedding-ada-002"]
+dimensions = 1536
+supports_dimensions = false
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Bodies larger than this are refused with 413 before they are parsed.
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str = "https://api.openai.com/v1"
+    # Name of the environment variable that holds this upstream's key (never put the key itself in a file).
+    api_key_env: str = "UPSTREAM_API_KEY"
+    # One client request may wait this long for the upstream in total, retries included; then 504.
+    deadline_s: float = 30.0
+    # One attempt is abandoned after this long and retried if the deadline allows.
+    attempt_timeout_s: float = 10.0
+    # Retries after the first attempt for connection errors, timeouts, 429 and 5xx.
+    max_retries: int = 3
+    # Exponential backoff base; each wait is uniform in [0, base * 2**attempt] (full jitter), capped at 5 s.
+    backoff_base_s: float = 0.1
+    # Upstream calls in flight per process; further calls wait (inside their deadline) for a free slot.
+    max_concurrency: int = 64
+    # Idle keep-alive connections kept per process.
+    pool_size: int = 100
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    # Native vector size; answers of any other size are refused and never cached.
+    dimensions: int
+    # Whether clients may ask for `dimensions` (text-embedding-3 and later).
+    supports_dimensions: bool = False
+    # Which `[upstreams.NAME]` serves this model.
+    upstream: str = "default"
+    # The model name sent upstream (for example an Azure deployment name); defaults to the model's own name.
+    upstream_model: str = ""
+    # Tokenizer for local counts: "cl100k_base" (exact for OpenAI embedding models).
+    tokenizer: str = "cl100k_base"
+    # Ask the upstream for base64 so vectors stay float32-exact; false for upstreams that only speak float.
+    upstream_base64: bool = True
+    # What one upstream request may carry; misses are split into as few requests as these allow.
+    max_batch_items: int = 2048
+    max_batch_tokens: int = 300_000
+    # Client limits, checked before anything goes upstream (400 when exceeded).
+    max_input_tokens: int = 8192
+    max_request_tokens: int = 300_000
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    # Empty: the embedded in-process store (one process, not durable). Overridden by REDIS_URL.
+    url: str = ""
+    # A Redis call slower than this counts as a failure: the request carries on without the cache.
+    socket_timeout_s: float = 0.25
+    # After a failure, Redis is left alone for this long (requests bypass the cache), then tried again.
+    retry_interval_s: float = 1.0
+    max_connections: int = 200
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    # Entries expire this long after they were written (30 days).
+    ttl_s: int = 30 * 24 * 3600
+    # "shared": one cache for all teams (most hits); "team": one namespace per team (no cross-team probing).
+    scope: Literal["shared", "team"] = "shared"
+    # Prefix of every Redis key the proxy writes.
+    key_prefix: str = "ep"
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    # While Redis is unreachable, keys verified within this many seconds are still accepted; others are refused.
+    offline_grace_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: {"default": UpstreamSettings()})
+    models: Mapping[str, ModelSettings] = field(default_factory=dict)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
+    # Secrets, from the environment only.
+    upstream_api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    admin_key: str = field(default="", repr=False)
+    cache_secret: str = field(default="", repr=False)
+    source: str = "<defaults>"
+
+    def upstream_for(self, model: str) -> UpstreamSettings:
+        return self.upstreams[self.models[model].upstream]
+
+    def upstream_model(self, model: str) -> str:
+        return self.models[model].upstream_model or model
+
+
+def _build(cls: type[Any], raw: Any, where: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {where}.{sorted(unknown)[0]} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _check(hints[name], value, f"{where}.{name}", source)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: [{where}] {exc}") from exc
+
+
+def _check(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{source}: {key} must be one of {typing.get_args(hint)}, not {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {getattr(hint, '__name__', hint)}, not {value!r}")
+    if hint in (int, float) and value < 0:
+        raise ConfigError(f"{source}: {key} must not be negative")
+    return value
+
+
+def _tables(raw: Any, key: str, cls: type[Any], source: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{key}] must be a table of tables")
+    return {name: _build(cls, body, f"{key}.{name}", source) for name, body in raw.items()}
+
+
+def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    known = {"server", "upstreams", "models", "redis", "cache", "keys"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(sorted(known))})")
+    models_raw = raw.get("models") or tomllib.loads(DEFAULT_MODELS_TOML)["models"]
+    upstreams = _tables(raw.get("upstreams", {"default": {}}), "upstreams", UpstreamSettings, source)
+    upstreams.setdefault("default", UpstreamSettings())
+    if env.get("UPSTREAM_BASE_URL"):
+        upstreams["default"] = dataclasses.replace(upstreams["default"], base_url=env["UPSTREAM_BASE_URL"])
+    models = _tables(models_raw, "models", ModelSettings, source)
+    for name, m in models.items():
+        if m.upstream not in upstreams:
+            raise ConfigError(f"{source}: models.{name}.upstream names unknown upstream {m.upstream!r}")
+        if m.dimensions < 1 or m.max_batch_items < 1 or m.max_input_tokens < 1:
+            raise ConfigError(f"{source}: models.{name}: dimensions and limits must be positive")
+    redis = _build(RedisSettings, raw.get("redis", {}), "redis", source)
+    if "REDIS_URL" in env:
+        redis = dataclasses.replace(redis, url=env["REDIS_URL"])
+    return Settings(
+        server=_build(ServerSettings, raw.get("server", {}), "server", source),
+        upstreams=types.MappingProxyType(upstreams),
+        models=types.MappingProxyType(models),
+        redis=redis,
+        cache=_build(CacheSettings, raw.get("cache", {}), "cache", source),
+        keys=_build(KeySettings, raw.get("keys", {}), "keys", source),
+        upstream_api_keys=types.MappingProxyType(
+            {name: env.get(u.api_key_env, "") for name, u in upstreams.items()}
+        ),
+        admin_key=env.get("PROXY_ADMIN_KEY", ""),
+        cache_secret=env.get("PROXY_CACHE_SECRET", ""),
+        source=source,
+    )
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `path` (or $PROXY_CONFIG; none: built-in defaults) and the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("PROXY_CONFIG") or None
+    if path is None:
+        return parse("", "<defaults>", env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse(text, path, env)

@@ -1,0 +1,103 @@
+"""The proxy's error hierarchy and the one table that turns it into OpenAI's error JSON.
+
+Every failure a client can see is a `ProxyError`; library exceptions are caught in the module that talks to the
+library (upstream.py, the stores) and re-raised as one of these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(ProxyError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class UpstreamBadGateway(ProxyError):
+    """The upstream failed, answered with an error, or answered with something we refuse to trust."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"

@@ -1,0 +1,201 @@
+"""Gateway keys: generation, the Redis key store, and request authentication.
+
+A key is `sk-gateway-` plus 43 url-safe random characters (32 bytes). Redis holds only its SHA-256 (a key has
+256 bits of entropy, so a fast hash is enough: nobody can guess one from its hash). Revocation is a field on the
+record, checked on every request while Redis is reachable, so it takes effect at once on every instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from .rediskeys import RedisKeys
+from .store import Store, StoreUnavailable
+
+KEY_PREFIX = "sk-gateway-"
+_KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
+TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    team: str
+    name: str = ""
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked: bool = False
+    models: tuple[str, ...] = field(default=())  # empty: every configured model
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "team": self.team,
+            "name": self.name,
+            "created_at": repr(self.created_at),
+            "expires_at": "" if self.expires_at is None else repr(self.expires_at),
+            "revoked": "1" if self.revoked else "0",
+            "models": ",".join(self.models),
+        }
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> KeyRecord:
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            id=d["id"],
+            team=d["team"],
+            name=d.get("name", ""),
+            created_at=float(d.get("created_at") or 0),
+            expires_at=float(d["expires_at"]) if d.get("expires_at") else None,
+            revoked=d.get("revoked") == "1",
+            models=tuple(m for m in d.get("models", "").split(",") if m),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """What operators may see: never the key or its hash."""
+        return {
+            "id": self.id,
+            "team": self.team,
+            "name": self.name,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked": self.revoked,
+            "models": list(self.models),
+        }
+
+    def allows(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+class KeyStore:
+    def __init__(self, store: Store, keys: RedisKeys, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+
+    async def create(
+        self, team: str, *, name: str = "", expires_at: float | None = None, models: tuple[str, ...] = ()
+    ) -> tuple[str, KeyRecord]:
+        if not TEAM_RE.match(team):
+            raise ValueError("team names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting alphanumeric")
+        key = generate_key()
+        record = KeyRecord(new_key_id(), team, name, self._clock(), expires_at, False, models)
+        digest = hash_key(key)
+
+        async def write(r: Any) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self._keys.key_record(digest), mapping=record.to_redis())
+            pipe.set(self._keys.key_id(record.id), digest)
+            pipe.zadd(self._keys.key_index(), {record.id: record.created_at})
+            await pipe.execute()
+
+        await self._store.call("key-create", write)
+        return key, record
+
+    async def lookup(self, key: str) -> KeyRecord | None:
+        raw = await self._store.call("key-get", lambda r: r.hgetall(self._keys.key_record(hash_key(key))))
+        return KeyRecord.from_redis(raw) if raw else None
+
+    async def list(self, team: str | None = None) -> list[KeyRecord]:
+        async def read(r: Any) -> list[KeyRecord]:
+            ids = await r.zrange(self._keys.key_index(), 0, -1)
+            digests = await r.mget([self._keys.key_id(i.decode()) for i in ids]) if ids else []
+            pipe = r.pipeline(transaction=False)
+            for d in digests:
+                if d is not None:
+                    pipe.hgetall(self._keys.key_record(d.decode()))
+            return [KeyRecord.from_redis(raw) for raw in await pipe.execute() if raw]
+
+        records = await self._store.call("key-list", read)
+        return [rec for rec in records if team is None or rec.team == team]
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        async def write(r: Any) -> KeyRecord | None:
+            digest = await r.get(self._keys.key_id(key_id))
+            if digest is None:
+                return None
+            record_key = self._keys.key_record(digest.decode())
+            await r.hset(record_key, "revoked", "1")
+            raw = await r.hgetall(record_key)
+            return KeyRecord.from_redis(raw) if raw else None
+
+        return await self._store.call("key-revoke", write)
+
+
+def bearer_key(headers: Any) -> str | None:
+    """The key from `Authorization: Bearer ...` (OpenAI clients) or `api-key` (Azure-style clients)."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return headers.get("api-key") or None
+
+
+class Authenticator:
+    """Checks keys against Redis on every request, keeping a copy of recently verified keys for outages only."""
+
+    def __init__(self, keystore: KeyStore, offline_grace_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._keystore = keystore
+        self._grace = offline_grace_s
+        self._clock = clock
+        self._verified: dict[str, tuple[KeyRecord, float]] = {}
+
+    async def authenticate(self, key: str | None) -> KeyRecord:
+        if not key:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer sk-gateway-...'.",
+                code="missing_api_key",
+            )
+        if not _KEY_RE.match(key):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        now = self._clock()
+        try:
+            record = await self._keystore.lookup(key)
+        except StoreUnavailable:
+            record = self._offline(key, now)
+        else:
+            if record is None:
+                self._verified.pop(key, None)
+                raise AuthenticationFailed("Incorrect API key provided.")
+            self._remember(key, record, now)
+        if record.revoked:
+            raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
+        if record.expires_at is not None and now >= record.expires_at:
+            raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
+        return record
+
+    def _offline(self, key: str, now: float) -> KeyRecord:
+        hit = self._verified.get(key)
+        if hit is None or now - hit[1] > self._grace:
+            raise ServiceUnavailable("The key store is unreachable and this key has not been verified recently.")
+        return hit[0]
+
+    def _remember(self, key: str, record: KeyRecord, now: float) -> None:
+        if len(self._verified) > 10_000:  # bounded: drop the oldest verifications
+            for stale in sorted(self._verified, key=lambda k: self._verified[k][1])[:1000]:
+                del self._verified[stale]
+        self._verified[key] = (record, now)
+
+
+def check_model(record: KeyRecord, model: str) -> None:
+    if not record.allows(model):
+        raise PermissionDenied(f"This key may not use model '{model}'.", param="model")

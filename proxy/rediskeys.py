@@ -1,0 +1,63 @@
+"""Every Redis key the proxy uses, built in one place. Pure functions; the README documents the formats.
+
+    {prefix}:emb:s:{digest}            cache entry, shared scope
+    {prefix}:emb:t:{team}:{digest}     cache entry, per-team scope
+    {prefix}:key:{sha256(key)}         hash: one gateway key's record (the key itself is never stored)
+    {prefix}:keyid:{key_id}            string: sha256 of the key with that id
+    {prefix}:keys                      sorted set: key ids by creation time
+    {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
+
+`digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
+derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
+the UTF-8 text) or `t` (payload: the token ids as little-endian uint32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+
+def seed_from_secret(secret: str) -> int:
+    return int.from_bytes(hashlib.blake2b(secret.encode(), digest_size=8).digest(), "little")
+
+
+class DigestBuilder:
+    """Content hashes of one request's inputs: the (model, dimensions, kind) prefix is hashed once."""
+
+    def __init__(self, seed: int, model: str, dimensions: int | None, kind: str) -> None:
+        self._base = xxhash.xxh3_128(f"{model}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
+
+    def text(self, value: str) -> str:
+        h = self._base.copy()
+        h.update(value.encode("utf-8"))
+        return h.hexdigest()  # type: ignore[no-any-return,unused-ignore]
+
+    def tokens(self, ids: Sequence[int]) -> str:
+        h = self._base.copy()
+        h.update(np.asarray(ids, dtype="<u4").tobytes())
+        return h.hexdigest()  # type: ignore[no-any-return,unused-ignore]
+
+
+class RedisKeys:
+    def __init__(self, prefix: str = "ep") -> None:
+        self.prefix = prefix
+
+    def cache_namespace(self, team: str | None) -> str:
+        """Prefix of cache keys: `team` None means the shared scope."""
+        return f"{self.prefix}:emb:s:" if team is None else f"{self.prefix}:emb:t:{team}:"
+
+    def key_record(self, key_hash: str) -> str:
+        return f"{self.prefix}:key:{key_hash}"
+
+    def key_id(self, key_id: str) -> str:
+        return f"{self.prefix}:keyid:{key_id}"
+
+    def key_index(self) -> str:
+        return f"{self.prefix}:keys"
+
+    def cache_secret(self) -> str:
+        return f"{self.prefix}:meta:cache-secret"

@@ -1,0 +1,122 @@
+"""The client's embeddings request: parsed and checked before anything touches the cache or the upstream.
+
+Checks here need nothing but the body and the model table; token limits on text inputs are checked once the
+cache has said which inputs need counting (see service.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from .config import ModelSettings
+from .errors import InvalidRequest, NotFound
+
+MAX_ITEMS = 2048
+_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    model: str
+    kind: Literal["s", "t"]  # s: strings, t: token-id lists
+    inputs: list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"]
+    dimensions: int | None
+    user: str | None
+
+
+def _input_error(message: str) -> InvalidRequest:
+    return InvalidRequest(message, param="input", code="invalid_input")
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # bool is a subclass of int and is refused
+
+
+def parse_inputs(value: Any, max_input_tokens: int) -> tuple[Literal["s", "t"], list[str] | list[list[int]]]:
+    if isinstance(value, str):
+        if not value:
+            raise _input_error("'input' cannot be an empty string.")
+        return "s", [value]
+    if not isinstance(value, list):
+        raise _input_error("'input' must be a string, an array of strings, or an array of token arrays.")
+    if not value:
+        raise _input_error("'input' cannot be an empty array.")
+    if len(value) > MAX_ITEMS:
+        raise _input_error(f"'input' has {len(value)} items; at most {MAX_ITEMS} are allowed.")
+    first = value[0]
+    if isinstance(first, str):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _input_error(f"'input[{i}]' must be a string like the other items.")
+            if not item:
+                raise _input_error(f"'input[{i}]' cannot be an empty string.")
+        return "s", value
+    if _is_int(first):
+        return "t", [_token_ids(value, "input", max_input_tokens)]
+    if isinstance(first, list):
+        out: list[list[int]] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, list):
+                raise _input_error(f"'input[{i}]' must be an array of token ids like the other items.")
+            out.append(_token_ids(item, f"input[{i}]", max_input_tokens))
+        return "t", out
+    raise _input_error("'input' must be a string, an array of strings, or an array of token arrays.")
+
+
+def _token_ids(ids: list[Any], where: str, max_input_tokens: int) -> list[int]:
+    if not ids:
+        raise _input_error(f"'{where}' cannot be an empty array of tokens.")
+    if not all(_is_int(t) and t >= 0 for t in ids):
+        raise _input_error(f"'{where}' must contain only non-negative integer token ids.")
+    if len(ids) > max_input_tokens:
+        raise _input_error(
+            f"'{where}' has {len(ids)} tokens; this model's maximum input length is {max_input_tokens} tokens."
+        )
+    return ids
+
+
+def parse_request(body: bytes, models: Mapping[str, ModelSettings]) -> EmbeddingRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    model = data.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string.", param="model")
+    spec = models.get(model)
+    if spec is None:
+        raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+    if "input" not in data:
+        raise InvalidRequest("You must provide an input parameter.", param="input")
+    kind, inputs = parse_inputs(data["input"], spec.max_input_tokens)
+    fmt = data.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    dims = data.get("dimensions")
+    if dims is not None:
+        if not spec.supports_dimensions:
+            raise InvalidRequest(
+                f"This model does not support specifying dimensions: '{model}'.", param="dimensions"
+            )
+        if not _is_int(dims) or not 1 <= dims <= spec.dimensions:
+            raise InvalidRequest(
+                f"'dimensions' must be an integer from 1 to {spec.dimensions} for '{model}'.", param="dimensions"
+            )
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string.", param="user")
+    return EmbeddingRequest(model, kind, inputs, "base64" if fmt == "base64" else "float", dims, user)
