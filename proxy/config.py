@@ -17,18 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .limits import TEAM_RE, Limits
+
 DEFAULT_MODELS_TOML = """
 [models."text-embedding-3-small"]
 dimensions = 1536
 supports_dimensions = true
+price_per_million_tokens = 0.02
 
 [models."text-embedding-3-large"]
 dimensions = 3072
 supports_dimensions = true
+price_per_million_tokens = 0.13
 
 [models."text-embedding-ada-002"]
 dimensions = 1536
 supports_dimensions = false
+price_per_million_tokens = 0.10
 """
 
 
@@ -83,6 +88,8 @@ class ModelSettings:
     # Client limits, checked before anything goes upstream (400 when exceeded).
     max_input_tokens: int = 8192
     max_request_tokens: int = 300_000
+    # What the upstream charges, in USD per million tokens: prices the usage ledger and the cache's savings.
+    price_per_million_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,25 @@ class KeySettings:
 
 
 @dataclass(frozen=True)
+class QuotaSettings:
+    # "billable": quotas count the tokens sent upstream (cache hits are free); "all": every prompt token.
+    count: Literal["billable", "all"] = "billable"
+    # Redis unreachable: "open" admits requests against the same limits kept in this process alone (so N
+    # instances may admit up to N times a limit during the outage); "closed" refuses them with 503.
+    on_redis_down: Literal["open", "closed"] = "open"
+    # Team limits changed at run time (CLI, admin API) reach every instance within this many seconds.
+    team_cache_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class UsageSettings:
+    # Usage is added up in each process and written to the Redis ledger this often (and at shutdown).
+    flush_interval_s: float = 1.0
+    # Ledger days are kept this long.
+    retention_days: int = 400
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: {"default": UpstreamSettings()})
@@ -120,6 +146,10 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     keys: KeySettings = field(default_factory=KeySettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    # Team quotas from `[teams.NAME]`; limits stored at run time (CLI, admin API) take precedence.
+    teams: Mapping[str, Limits] = field(default_factory=dict)
     # Secrets, from the environment only.
     upstream_api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     admin_key: str = field(default="", repr=False)
@@ -152,6 +182,9 @@ def _build(cls: type[Any], raw: Any, where: str, source: str) -> Any:
 
 def _check(hint: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # `int | None`: TOML has no null, so a present value is the other type
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(f"{source}: {key} must be one of {typing.get_args(hint)}, not {value!r}")
@@ -177,7 +210,7 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    known = {"server", "upstreams", "models", "redis", "cache", "keys"}
+    known = {"server", "upstreams", "models", "redis", "cache", "keys", "quotas", "usage", "teams"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(sorted(known))})")
@@ -195,6 +228,13 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
     redis = _build(RedisSettings, raw.get("redis", {}), "redis", source)
     if "REDIS_URL" in env:
         redis = dataclasses.replace(redis, url=env["REDIS_URL"])
+    teams = _tables(raw.get("teams", {}), "teams", Limits, source)
+    for name, limits in teams.items():
+        if not TEAM_RE.match(name):
+            raise ConfigError(f"{source}: teams.{name}: team names are 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        for limit, value in limits.items():
+            if value < 1:
+                raise ConfigError(f"{source}: teams.{name}.{limit} must be a positive integer (omit it: unlimited)")
     return Settings(
         server=_build(ServerSettings, raw.get("server", {}), "server", source),
         upstreams=types.MappingProxyType(upstreams),
@@ -202,6 +242,9 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         redis=redis,
         cache=_build(CacheSettings, raw.get("cache", {}), "cache", source),
         keys=_build(KeySettings, raw.get("keys", {}), "keys", source),
+        quotas=_build(QuotaSettings, raw.get("quotas", {}), "quotas", source),
+        usage=_build(UsageSettings, raw.get("usage", {}), "usage", source),
+        teams=types.MappingProxyType(teams),
         upstream_api_keys=types.MappingProxyType(
             {name: env.get(u.api_key_env, "") for name, u in upstreams.items()}
         ),

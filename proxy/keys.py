@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from .limits import TEAM_RE
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
 
 KEY_PREFIX = "sk-gateway-"
 _KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
-TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 def generate_key() -> str:

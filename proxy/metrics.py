@@ -49,6 +49,20 @@ class Metrics:
         self.cache_write_errors = Counter(
             f"{_PREFIX}_cache_write_errors", "Cache writes that could not be made.", registry=r,
         )
+        self.quota_rejections = Counter(
+            f"{_PREFIX}_quota_rejections", "Requests refused for quota, by team, scope (team or key) and limit.",
+            ["team", "scope", "limit"], registry=r,
+        )
+        # Last value seen by this process of each set limit and what is left of it in its current window;
+        # key_id is empty for a team's own limits.
+        self.quota_limit = Gauge(
+            f"{_PREFIX}_quota_limit", "A quota limit in force (requests or tokens per window).",
+            ["team", "key_id", "limit"], registry=r,
+        )
+        self.quota_remaining = Gauge(
+            f"{_PREFIX}_quota_remaining", "What is left of a quota limit in its current window.",
+            ["team", "key_id", "limit"], registry=r,
+        )
         self.build_info = Gauge(f"{_PREFIX}_build_info", "Build information.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
 

@@ -6,6 +6,12 @@
     {prefix}:keyid:{key_id}            string: sha256 of the key with that id
     {prefix}:keys                      sorted set: key ids by creation time
     {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
+    {prefix}:team:{team}               hash: a team's quota limits set at run time (CLI, admin API)
+    {prefix}:teams                     set: names of teams with a stored record
+    {prefix}:q:{scope}:{id}:{metric}:{window}
+                                       string: a quota counter; scope team|key, metric req|tok,
+                                       window m{minutes since epoch} | d{YYYYMMDD} | mo{YYYYMM} (UTC)
+    {prefix}:usage:{team}:{YYYY-MM-DD} hash: the usage ledger; field {key_id}|{model}|{metric}
 
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
@@ -61,3 +67,15 @@ class RedisKeys:
 
     def cache_secret(self) -> str:
         return f"{self.prefix}:meta:cache-secret"
+
+    def team(self, team: str) -> str:
+        return f"{self.prefix}:team:{team}"
+
+    def teams(self) -> str:
+        return f"{self.prefix}:teams"
+
+    def quota_counter(self, scope: str, ident: str, metric: str, window: str) -> str:
+        return f"{self.prefix}:q:{scope}:{ident}:{metric}:{window}"
+
+    def usage(self, team: str, day: str) -> str:
+        return f"{self.prefix}:usage:{team}:{day}"
