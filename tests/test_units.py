@@ -115,9 +115,9 @@ def test_config_defaults_and_env() -> None:
     s = config.load(env={"REDIS_URL": "redis://r:6379/0", "UPSTREAM_BASE_URL": "http://u/v1",
                          "UPSTREAM_API_KEY": "k", "PROXY_ADMIN_KEY": "a"})
     assert dict(s.models) == {
-        "text-embedding-3-small": config.ModelSettings(1536, True),
-        "text-embedding-3-large": config.ModelSettings(3072, True),
-        "text-embedding-ada-002": config.ModelSettings(1536, False),
+        "text-embedding-3-small": config.ModelSettings(1536, True, price_per_million_tokens=0.02),
+        "text-embedding-3-large": config.ModelSettings(3072, True, price_per_million_tokens=0.13),
+        "text-embedding-ada-002": config.ModelSettings(1536, False, price_per_million_tokens=0.10),
     }
     assert s.redis.url == "redis://r:6379/0" and s.upstreams["default"].base_url == "http://u/v1"
     assert s.upstream_api_keys["default"] == "k" and s.admin_key == "a"
