@@ -188,4 +188,4 @@ def test_example_config_is_valid_and_complete() -> None:
     # the example spells out the defaults: loading it changes nothing
     assert s.server == default.server and s.redis == default.redis and s.cache == default.cache
     assert dict(s.models) == dict(default.models) and dict(s.upstreams) == dict(default.upstreams)
-    assert s.keys == default.keys
+    assert s.keys == default.keys and s.quotas == default.quotas and s.usage == default.usage
