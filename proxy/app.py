@@ -6,6 +6,9 @@ metrics sit outside auth.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import re
 import time
@@ -22,13 +25,16 @@ from .config import Settings
 from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
+from .quota import Quotas
 from .rediskeys import RedisKeys
 from .request import parse_request
 from .response import render
 from .service import EmbeddingService
 from .store import Store, StoreUnavailable, connect
+from .teams import TeamStore
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
+from .usage import UsageLedger
 
 log = logging.getLogger("proxy.app")
 
@@ -39,6 +45,9 @@ AUTH = web.AppKey("auth", Authenticator)
 SERVICE = web.AppKey("service", EmbeddingService)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 METRICS = web.AppKey("metrics", Metrics)
+TEAMS = web.AppKey("teams", TeamStore)
+QUOTAS = web.AppKey("quotas", Quotas)
+LEDGER = web.AppKey("ledger", UsageLedger)
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
@@ -53,6 +62,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _error_response(err: ProxyError) -> web.Response:
     resp = web.Response(body=err.to_json(), status=err.status, content_type="application/json")
+    resp.headers.update(err.headers)
     if err.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, round(err.retry_after)))
     return resp
@@ -111,7 +121,8 @@ async def embeddings(request: web.Request) -> web.Response:
     request[MODEL] = req.model
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
-    outcome = await app[SERVICE].embed(req, key.team)
+    outcome = await app[SERVICE].embed(req, key.team, functools.partial(app[QUOTAS].admit, key))
+    app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
     m = app[METRICS]
     m.inputs.labels(key.team, req.model, "cache").inc(len(outcome.positions) - outcome.upstream_inputs)
     m.inputs.labels(key.team, req.model, "upstream").inc(outcome.upstream_inputs)
@@ -119,6 +130,8 @@ async def embeddings(request: web.Request) -> web.Response:
     m.tokens.labels(key.team, req.model, "upstream").inc(outcome.billed_tokens)
     resp = web.Response(body=render(req, outcome), content_type="application/json")
     resp.headers["x-cache"] = outcome.cache
+    if outcome.admission is not None:
+        resp.headers.update(outcome.admission.headers)
     return resp
 
 
@@ -187,6 +200,9 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[AUTH] = Authenticator(keystore, settings.keys.offline_grace_s)
     app[UPSTREAM], app[SERVICE] = upstream, service
+    app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
+    app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m)
+    app[LEDGER] = ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if embedded:
@@ -196,8 +212,16 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
             await cache.seed()
         except StoreUnavailable:
             log.warning("redis unreachable at start-up: the cache is bypassed until it answers")
+        flusher = asyncio.create_task(ledger.run(settings.usage.flush_interval_s))
         yield
         await service.drain()
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        try:
+            await ledger.flush()
+        except StoreUnavailable:
+            log.error("usage not written to the ledger at shutdown: redis unreachable")
         await upstream.close()
         await store.close()
 

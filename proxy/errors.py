@@ -30,6 +30,7 @@ class ProxyError(Exception):
         if code is not None:
             self.code = code
         self.retry_after = retry_after
+        self.headers: dict[str, str] = {}  # extra response headers (x-ratelimit-* on 429)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
-from .limits import TEAM_RE
+from .limits import UNLIMITED, Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
 
@@ -45,9 +45,11 @@ class KeyRecord:
     expires_at: float | None = None
     revoked: bool = False
     models: tuple[str, ...] = field(default=())  # empty: every configured model
+    limits: Limits = field(default=UNLIMITED)  # the key's own quotas, on top of its team's
 
     def to_redis(self) -> dict[str, str]:
         return {
+            **self.limits.to_redis(),
             "id": self.id,
             "team": self.team,
             "name": self.name,
@@ -68,6 +70,7 @@ class KeyRecord:
             expires_at=float(d["expires_at"]) if d.get("expires_at") else None,
             revoked=d.get("revoked") == "1",
             models=tuple(m for m in d.get("models", "").split(",") if m),
+            limits=Limits.from_redis(d),
         )
 
     def public(self) -> dict[str, Any]:
@@ -80,6 +83,7 @@ class KeyRecord:
             "expires_at": self.expires_at,
             "revoked": self.revoked,
             "models": list(self.models),
+            "limits": self.limits.to_dict(),
         }
 
     def allows(self, model: str) -> bool:
@@ -93,12 +97,17 @@ class KeyStore:
         self._clock = clock
 
     async def create(
-        self, team: str, *, name: str = "", expires_at: float | None = None, models: tuple[str, ...] = ()
+        self,
+        team: str,
+        *,
+        name: str = "",
+        expires_at: float | None = None,
+        models: tuple[str, ...] = (),
+        limits: Limits = UNLIMITED,
     ) -> tuple[str, KeyRecord]:
-        if not TEAM_RE.match(team):
-            raise ValueError("team names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting alphanumeric")
+        check_team(team)
         key = generate_key()
-        record = KeyRecord(new_key_id(), team, name, self._clock(), expires_at, False, models)
+        record = KeyRecord(new_key_id(), team, name, self._clock(), expires_at, False, models, limits)
         digest = hash_key(key)
 
         async def write(r: Any) -> None:
@@ -128,17 +137,45 @@ class KeyStore:
         records = await self._store.call("key-list", read)
         return [rec for rec in records if team is None or rec.team == team]
 
+    async def get(self, key_id: str) -> KeyRecord | None:
+        return await self._update(key_id, {})
+
     async def revoke(self, key_id: str) -> KeyRecord | None:
+        return await self._update(key_id, {"revoked": "1"})
+
+    async def set_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
+        record = await self.get(key_id)
+        if record is None:
+            return None
+        return await self._update(key_id, record.limits.merged(changes).to_redis())
+
+    async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyRecord, KeyRecord] | None:
+        """A new key with the old one's team, name, models, limits and expiry; the old key now expires after
+        `grace_s` (or earlier, if it already would). Returns (new key, new record, old record)."""
+        old = await self.get(key_id)
+        if old is None or old.revoked:
+            return None
+        key, new = await self.create(
+            old.team, name=old.name, expires_at=old.expires_at, models=old.models, limits=old.limits
+        )
+        ends = self._clock() + grace_s
+        if old.expires_at is None or ends < old.expires_at:
+            updated = await self._update(key_id, {"expires_at": repr(ends)})
+            old = updated if updated is not None else old
+        return key, new, old
+
+    async def _update(self, key_id: str, fields: dict[str, str]) -> KeyRecord | None:
         async def write(r: Any) -> KeyRecord | None:
             digest = await r.get(self._keys.key_id(key_id))
             if digest is None:
                 return None
             record_key = self._keys.key_record(digest.decode())
-            await r.hset(record_key, "revoked", "1")
+            if fields:
+                await r.hset(record_key, mapping=fields)
             raw = await r.hgetall(record_key)
             return KeyRecord.from_redis(raw) if raw else None
 
-        return await self._store.call("key-revoke", write)
+        return await self._store.call("key-update", write)
 
 
 def bearer_key(headers: Any) -> str | None:

@@ -9,6 +9,13 @@ from typing import Any
 
 TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
+
+def check_team(team: str) -> str:
+    if not TEAM_RE.match(team):
+        raise ValueError("team names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting alphanumeric")
+    return team
+
+
 # name -> (counter metric, window): every limit counts requests or tokens in a fixed UTC window.
 LIMIT_WINDOWS = {
     "rpm": ("req", "minute"),
@@ -47,3 +54,6 @@ class Limits:
     @classmethod
     def from_redis(cls, raw: Mapping[str, str]) -> Limits:
         return cls(**{f.name: int(raw[f.name]) if raw.get(f.name) else None for f in fields(cls)})
+
+
+UNLIMITED = Limits()

@@ -8,10 +8,12 @@
     {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
     {prefix}:team:{team}               hash: a team's quota limits set at run time (CLI, admin API)
     {prefix}:teams                     set: names of teams with a stored record
-    {prefix}:q:{scope}:{id}:{metric}:{window}
-                                       string: a quota counter; scope team|key, metric req|tok,
-                                       window m{minutes since epoch} | d{YYYYMMDD} | mo{YYYYMM} (UTC)
+    {prefix}:q:{{team}}:{scope}:{metric}:{window}
+                                       string: a quota counter; scope `t` (the team's) or `k.{key_id}`,
+                                       metric req|tok, window m{minutes since epoch}|d{YYYYMMDD}|mo{YYYYMM} (UTC);
+                                       `{team}` is a Cluster hash tag: one request's counters share a slot
     {prefix}:usage:{team}:{YYYY-MM-DD} hash: the usage ledger; field {key_id}|{model}|{metric}
+    {prefix}:usage-teams               set: teams with ledger entries
 
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
@@ -74,8 +76,12 @@ class RedisKeys:
     def teams(self) -> str:
         return f"{self.prefix}:teams"
 
-    def quota_counter(self, scope: str, ident: str, metric: str, window: str) -> str:
-        return f"{self.prefix}:q:{scope}:{ident}:{metric}:{window}"
+    def quota_counter(self, team: str, key_id: str | None, metric: str, window: str) -> str:
+        scope = "t" if key_id is None else f"k.{key_id}"
+        return f"{self.prefix}:q:{{{team}}}:{scope}:{metric}:{window}"
 
     def usage(self, team: str, day: str) -> str:
         return f"{self.prefix}:usage:{team}:{day}"
+
+    def usage_teams(self) -> str:
+        return f"{self.prefix}:usage-teams"

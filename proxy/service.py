@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +19,7 @@ from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
 from .metrics import Metrics
+from .quota import Admission
 from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
 from .store import StoreUnavailable
@@ -40,6 +41,7 @@ class Outcome:
     cache_hits: int  # unique inputs found in the cache
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
+    admission: Admission | None = None  # the quota reservation, when the key or its team has limits
 
     @property
     def cached_tokens(self) -> int:
@@ -83,7 +85,14 @@ class EmbeddingService:
         # work, and nothing hashed with it is ever written.
         self._fallback_seed = seed_from_secret(secrets.token_urlsafe(32))
 
-    async def embed(self, req: EmbeddingRequest, team: str) -> Outcome:
+    async def embed(
+        self,
+        req: EmbeddingRequest,
+        team: str,
+        admit: Callable[[int, int], Awaitable[Admission]] | None = None,
+    ) -> Outcome:
+        """The answer's vectors and counts. `admit(billable_tokens, all_tokens)` is called once the request is
+        known to be valid and what it costs is known, before anything goes upstream; it may refuse (429)."""
         spec = self._settings.models[req.model]
         dims = req.dimensions or spec.dimensions
         try:
@@ -128,6 +137,10 @@ class EmbeddingService:
         for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
             counts[i] = n
         self._check_limits(spec, counts, positions)
+        admission = None
+        if admit is not None:
+            fetching = [i for i in misses if keys[i] not in pending]
+            admission = await admit(sum(counts[i] for i in fetching), sum(counts[p] for p in positions))
 
         futures, owned = self._inflight.claim(keys[i] for i in misses)
         owned_idx = [unique[k] for k in owned]
@@ -139,15 +152,22 @@ class EmbeddingService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if futures:
-            results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
+            try:
+                results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
+            except Exception:
+                if admission is not None:
+                    await admission.refund()
+                raise
             for i, entry in zip(misses, results, strict=True):
                 found[i] = entry
         entries: list[Entry] = found  # type: ignore[assignment]
 
         billed = sum(entries[i].tokens for i in owned_idx)
         prompt = sum(entries[p].tokens for p in positions)
+        if admission is not None:
+            await admission.settle(prompt if admission.counts_all else billed)
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, admission)
 
     async def _count(self, spec: ModelSettings, kind: str, items: list[str | list[int]]) -> list[int]:
         tokenizer = self._tokenizers[spec.tokenizer]

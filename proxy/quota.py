@@ -1,0 +1,210 @@
+"""Quotas: per-team and per-key limits on requests and tokens in fixed UTC windows.
+
+A request is admitted by one Lua script (`lua/charge.lua`) that checks every counter that applies to it (the
+team's and the key's, per minute, day and month) and reserves the request and its tokens in all of them, or in
+none: check-and-reserve is atomic in Redis, so it is exact under concurrency and across processes. After the
+upstream has answered, the reservation is corrected to the upstream's own count; a request that fails gets its
+tokens back (`lua/adjust.lua`). Failed requests keep their place in the request counters: they were made.
+
+Windows are UTC: a minute starts at :00, a day at 00:00, a month on the 1st. The clock is injected.
+When Redis is unreachable, `quotas.on_redis_down` decides: "open" runs the same scripts on an in-process store
+(each process then enforces the limits alone), "closed" refuses with 503.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from .config import QuotaSettings
+from .errors import ProxyError, QuotaExceeded, RateLimited, ServiceUnavailable
+from .keys import KeyRecord
+from .limits import LIMIT_WINDOWS, Limits
+from .metrics import Metrics
+from .rediskeys import RedisKeys
+from .store import Store, StoreUnavailable
+from .teams import TeamStore
+
+log = logging.getLogger("proxy.quota")
+_LIMIT_TEXT = {
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "tokens_per_day": "tokens per day",
+    "tokens_per_month": "tokens per month",
+}
+
+
+def window(kind: str, now: float) -> tuple[str, float]:
+    """The id of the UTC window of `kind` (minute, day, month) that holds `now`, and when it ends."""
+    if kind == "minute":
+        start = int(now // 60)
+        return f"m{start}", (start + 1) * 60.0
+    t = time.gmtime(now)
+    if kind == "day":
+        return f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}", (int(now // 86400) + 1) * 86400.0
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return f"mo{t.tm_year:04d}{t.tm_mon:02d}", float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* format: `850ms`, `12s`, `6m0s`, `3h2m1s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{s}s"
+    return f"{m}m{s}s" if m else f"{s}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    key: str  # the Redis key of this window's counter
+    scope: Literal["team", "key"]
+    limit_name: str  # rpm | tpm | tokens_per_day | tokens_per_month
+    metric: str  # req | tok
+    limit: int
+    resets_at: float
+
+
+@dataclass
+class Admission:
+    """One admitted request's reservation: enough to correct or refund it, and its x-ratelimit-* headers."""
+
+    counters: list[Counter]
+    values: list[int]  # each counter's value after this request
+    tokens: int  # tokens reserved
+    now: float
+    counts_all: bool = False  # quotas count every prompt token, not only those sent upstream
+    quotas: Quotas | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def settle(self, tokens: int) -> None:
+        """Correct the reservation to the tokens the request really consumed (the upstream's count)."""
+        if tokens != self.tokens and self.quotas is not None:
+            await self.quotas.adjust(self, tokens - self.tokens)
+            self.tokens = tokens
+
+    async def refund(self) -> None:
+        """The request failed: give its tokens back."""
+        await self.settle(0)
+
+
+def rate_headers(counters: list[Counter], values: list[int], now: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers, from the tightest request limit and the tightest token limit."""
+    headers: dict[str, str] = {}
+    for metric, suffix in (("req", "requests"), ("tok", "tokens")):
+        candidates = [(c.limit - v, c) for c, v in zip(counters, values, strict=True) if c.metric == metric]
+        if candidates:
+            remaining, c = min(candidates, key=lambda rc: (rc[0], rc[1].resets_at))
+            headers[f"x-ratelimit-limit-{suffix}"] = str(c.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
+            headers[f"x-ratelimit-reset-{suffix}"] = format_reset(c.resets_at - now)
+    return headers
+
+
+class Quotas:
+    def __init__(
+        self,
+        store: Store,
+        keys: RedisKeys,
+        teams: TeamStore,
+        settings: QuotaSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._teams = teams
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        lua = resources.files("proxy") / "lua"
+        self._charge = store.client.register_script((lua / "charge.lua").read_text())
+        self._adjust = store.client.register_script((lua / "adjust.lua").read_text())
+        self._local: Any = None  # the in-process fallback store, made on first use
+
+    def counters(self, key: KeyRecord, team_limits: Limits, now: float) -> list[Counter]:
+        out = []
+        for scope, key_id, limits in (("team", None, team_limits), ("key", key.id, key.limits)):
+            for name, value in limits.items():
+                metric, kind = LIMIT_WINDOWS[name]
+                win, resets_at = window(kind, now)
+                rkey = self._keys.quota_counter(key.team, key_id, metric, win)
+                out.append(Counter(rkey, scope, name, metric, value, resets_at))  # type: ignore[arg-type]
+        return out
+
+    async def admit(self, key: KeyRecord, billable_tokens: int, all_tokens: int) -> Admission:
+        """Reserve one request and its tokens against every limit of the key and its team, or refuse (429).
+
+        Counts `billable_tokens` (those about to go upstream) or, with `quotas.count = "all"`, `all_tokens`."""
+        now = self._clock()
+        counts_all = self._settings.count == "all"
+        tokens = all_tokens if counts_all else billable_tokens
+        counters = self.counters(key, await self._teams.limits(key.team), now)
+        if not counters:
+            return Admission([], [], tokens, now, counts_all)
+        args: list[Any] = []
+        for c in counters:
+            args += [c.limit, 1 if c.metric == "req" else tokens, int(c.resets_at) + 60]
+        reply = await self._run(self._charge, [c.key for c in counters], args)
+        if reply[0] == 0:
+            self._reject(key, counters[int(reply[1]) - 1], int(reply[2]), tokens, now)
+        values = [int(v) for v in reply[1:]]
+        self._observe(key, counters, values)
+        return Admission(counters, values, tokens, now, counts_all, self, rate_headers(counters, values, now))
+
+    async def adjust(self, admission: Admission, delta_tokens: int) -> None:
+        toks = [c.key for c in admission.counters if c.metric == "tok"]
+        if toks:
+            try:
+                await self._run(self._adjust, toks, [delta_tokens] * len(toks))
+            except ProxyError:  # closed mode with Redis down: the reservation is already lost with it
+                log.warning("quota correction of %d tokens not applied: redis unreachable", delta_tokens)
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._store.call("quota", lambda r: script(keys=keys, args=args, client=r))
+        except StoreUnavailable:
+            if self._settings.on_redis_down == "closed":
+                raise ServiceUnavailable(
+                    "Quotas cannot be checked right now (the quota store is unreachable). Please retry."
+                ) from None
+        if self._local is None:
+            import fakeredis  # same scripts, same semantics, this process only
+
+            self._local = fakeredis.FakeAsyncRedis()
+            log.warning("redis unreachable: quotas are enforced per process until it is back")
+        return await script(keys=keys, args=args, client=self._local)
+
+    def _reject(self, key: KeyRecord, c: Counter, used: int, tokens: int, now: float) -> None:
+        whose = f"team '{key.team}'" if c.scope == "team" else f"key {key.id}"
+        asked = 1 if c.metric == "req" else tokens
+        wait = max(0.0, c.resets_at - now)
+        self._metrics.quota_rejections.labels(key.team, c.scope, c.limit_name).inc()
+        message = (
+            f"Rate limit reached for {whose} on {_LIMIT_TEXT[c.limit_name]}: limit {c.limit}, used {used}, "
+            f"requested {asked}. Please try again in {format_reset(wait)}."
+        )
+        err: ProxyError
+        if c.limit_name in ("rpm", "tpm"):
+            err = RateLimited(message, retry_after=wait)
+        else:
+            err = QuotaExceeded(
+                message.replace("Rate limit reached", "Quota exceeded") + " The budget resets then.",
+                retry_after=wait,
+            )
+        err.headers.update(rate_headers([c], [used], now))  # the counter that refused it, as it stands
+        raise err
+
+    def _observe(self, key: KeyRecord, counters: list[Counter], values: list[int]) -> None:
+        for c, v in zip(counters, values, strict=True):
+            key_id = "" if c.scope == "team" else key.id
+            self._metrics.quota_limit.labels(key.team, key_id, c.limit_name).set(c.limit)
+            self._metrics.quota_remaining.labels(key.team, key_id, c.limit_name).set(max(0, c.limit - v))

@@ -1,0 +1,90 @@
+"""Teams and their quota limits: from `[teams.NAME]` in the config, or set at run time (CLI, admin API).
+
+A team's limits stored in Redis replace its configured ones as a whole (`teams set` starts from the limits in
+force and changes only the flags given). Each process keeps what it read for `quotas.team_cache_s`, so a change
+reaches every instance within that time without a Redis read on every request. While Redis is unreachable the
+last limits read (or the configured ones) stay in force.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .limits import Limits, check_team
+from .rediskeys import RedisKeys
+from .store import Store, StoreUnavailable
+
+
+class TeamStore:
+    def __init__(
+        self,
+        store: Store,
+        keys: RedisKeys,
+        configured: Mapping[str, Limits],
+        cache_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._configured = configured
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cached: dict[str, tuple[Limits, float]] = {}
+
+    async def limits(self, team: str) -> Limits:
+        """The limits in force for `team` (unlimited if it has none)."""
+        hit = self._cached.get(team)
+        now = self._clock()
+        if hit is not None and now - hit[1] < self._cache_s:
+            return hit[0]
+        try:
+            stored = await self._read(team)
+        except StoreUnavailable:
+            return hit[0] if hit is not None else self._configured.get(team, Limits())
+        limits = stored if stored is not None else self._configured.get(team, Limits())
+        if len(self._cached) > 10_000:
+            self._cached.clear()
+        self._cached[team] = (limits, now)
+        return limits
+
+    async def _read(self, team: str) -> Limits | None:
+        raw = await self._store.call("team-get", lambda r: r.hgetall(self._keys.team(team)))
+        return Limits.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
+
+    async def set(self, team: str, changes: Mapping[str, int | None]) -> Limits:
+        """Change some of a team's limits (0 or None clears one: unlimited) and store the result."""
+        check_team(team)
+        current = await self._read(team)
+        limits = (current if current is not None else self._configured.get(team, Limits())).merged(changes)
+
+        async def write(r: Any) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self._keys.team(team), mapping=limits.to_redis())
+            pipe.sadd(self._keys.teams(), team)
+            await pipe.execute()
+
+        await self._store.call("team-set", write)
+        self._cached.pop(team, None)
+        return limits
+
+    async def all(self) -> dict[str, tuple[Limits, str]]:
+        """Every known team: its limits in force and where they come from (`config` or `runtime`)."""
+
+        async def read(r: Any) -> dict[str, Limits]:
+            names = sorted(n.decode() for n in await r.smembers(self._keys.teams()))
+            pipe = r.pipeline(transaction=False)
+            for n in names:
+                pipe.hgetall(self._keys.team(n))
+            raws = await pipe.execute()
+            return {
+                n: Limits.from_redis({k.decode(): v.decode() for k, v in raw.items()})
+                for n, raw in zip(names, raws, strict=True)
+                if raw
+            }
+
+        stored = await self._store.call("team-list", read)
+        out = {name: (limits, "config") for name, limits in self._configured.items()}
+        out.update({name: (limits, "runtime") for name, limits in stored.items()})
+        return dict(sorted(out.items()))
