@@ -20,9 +20,11 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from .admin import add_routes as add_admin_routes
+from .admin import check_admin
 from .cache import EmbeddingCache
 from .config import Settings
-from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
+from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, ServiceUnavailable
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
@@ -89,6 +91,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = await handler(request)
     except ProxyError as err:
         resp = _error_response(err)
+    except StoreUnavailable:  # only paths that cannot do without Redis (admin, key store) get here
+        resp = _error_response(ServiceUnavailable("The key and quota store is unreachable. Please retry."))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -111,6 +115,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
         request[KEY] = await request.app[AUTH].authenticate(bearer_key(request.headers))
+    elif request.path.startswith("/admin/"):
+        check_admin(request)
     return await handler(request)
 
 
@@ -232,4 +238,6 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
+    add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
     return app

@@ -73,3 +73,57 @@ def test_check_config_names_file_and_key(tmp_path: Any) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert str(bad) in done.stderr and "cache.scop" in done.stderr
+
+
+async def test_teams_keys_quotas_rotation_and_usage_commands(
+    make_proxy: Any, upstream: Upstream, redis_url: str, tmp_path: Any
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text("[teams.search]\nrpm = 100\n[quotas]\nteam_cache_s = 0.0\n")
+    conf = ["--config", str(config)]
+    assert cli(redis_url, *conf, "teams", "set", "ads", "--tpm", "5000", "--tokens-per-day", "90000").returncode == 0
+    assert cli(redis_url, *conf, "teams", "set", "ads", "--tpm", "0").stdout.strip() == "ads: tokens_per_day=90000"
+    teams = json.loads(cli(redis_url, *conf, "teams", "list", "--json").stdout)
+    assert {"team": "search", "limits": {"rpm": 100, "tpm": None, "tokens_per_day": None,
+                                         "tokens_per_month": None}, "source": "config"} in teams
+    assert next(t for t in teams if t["team"] == "ads")["source"] == "runtime"
+    assert "tokens_per_day=90000" in cli(redis_url, *conf, "teams", "list").stdout
+    assert cli(redis_url, "teams", "set", "ads", "--rpm", "-3").returncode == 2
+
+    made = cli(redis_url, "keys", "create", "--team", "ads", "--rpm", "1", "--models", MODEL, "--name", "etl",
+               "--expires-in", "1d", "--json")
+    doc = json.loads(made.stdout)
+    assert doc["limits"]["rpm"] == 1 and doc["models"] == [MODEL] and doc["name"] == "etl"
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, "[quotas]\nteam_cache_s = 0.0\n"))
+    headers = {"Authorization": f"Bearer {doc['key']}"}
+    body = {"model": MODEL, "input": "one two three"}
+    assert (await proxy.client.post("/v1/embeddings", json=body, headers=headers)).status == 200
+    assert (await proxy.client.post("/v1/embeddings", json=body, headers=headers)).status == 429
+    assert cli(redis_url, "keys", "limits", doc["id"], "--rpm", "0").returncode == 0
+    assert (await proxy.client.post("/v1/embeddings", json=body, headers=headers)).status == 200
+    shown = json.loads(cli(redis_url, "keys", "show", doc["id"], "--json").stdout)
+    assert shown[0]["limits"]["rpm"] is None and "key" not in shown[0]
+
+    rotated = cli(redis_url, "keys", "rotate", doc["id"], "--grace", "1h")
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = rotated.stdout.splitlines()[0]
+    assert new_key.startswith("sk-gateway-") and new_key != doc["key"] and "keeps working until" in rotated.stderr
+    new_headers = {"Authorization": f"Bearer {new_key}"}
+    for h in (headers, new_headers):  # both work during the grace period
+        assert (await proxy.client.post("/v1/embeddings", json=body, headers=h)).status == 200
+    assert cli(redis_url, "keys", "rotate", "key_nope").returncode == 1
+
+    await proxy.client.close()  # flushes the usage ledger
+    usage = cli(redis_url, "usage", "--team", "ads", "--by", "key", "--format", "json")
+    assert usage.returncode == 0, usage.stderr
+    rows = json.loads(usage.stdout)
+    by_key = {r["key"]: r["requests"] for r in rows}
+    assert len(by_key) == 2 and by_key[doc["id"]] == 3  # the old key 3, its replacement 1
+    assert sum(r["total_tokens"] for r in rows) == 4 * 3
+    csv_out = cli(redis_url, "usage", "--format", "csv").stdout.splitlines()
+    assert csv_out[0] == "team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd"
+    assert csv_out[1].startswith("ads,4,3,9,12,")
+    table = cli(redis_url, "usage", "--by", "model").stdout
+    assert "ads" in table and MODEL in table
+    assert cli(redis_url, "usage", "--since", "2026-02-30").returncode == 2
+    assert cli(redis_url, "usage", "--since", "2026-02-02", "--until", "2026-02-01").returncode == 2

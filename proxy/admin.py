@@ -1,0 +1,232 @@
+"""The admin API under /admin, behind `PROXY_ADMIN_KEY`: keys, teams and their quotas, usage reports.
+
+    GET  /admin/keys[?team=T]             key records (ids, names, limits; never a key or its hash)
+    POST /admin/keys                      {team, name?, models?, expires_in_s?, rpm?, tpm?, tokens_per_day?,
+                                           tokens_per_month?} -> 201 with the new `key`, shown this once
+    GET  /admin/keys/{id}                 one record
+    PATCH /admin/keys/{id}                {rpm?, tpm?, tokens_per_day?, tokens_per_month?}: 0 or null clears
+    POST /admin/keys/{id}/revoke          revoked at once on every instance
+    POST /admin/keys/{id}/rotate          {grace_s?}: a new key; the old one lives on for grace_s (default 86400)
+    GET  /admin/teams                     every team with its limits and where they come from
+    GET  /admin/teams/{team}              one team's limits in force
+    PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)
+    GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
+
+Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hmac
+import time
+from typing import Any, cast
+
+import orjson
+from aiohttp import web
+
+from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from .keys import KEY_PREFIX, KeyStore, bearer_key
+from .limits import Limits
+from .store import StoreUnavailable
+from .teams import TeamStore
+from .usage import GroupBy, UsageLedger, report_format
+
+_LIMIT_NAMES = tuple(Limits().to_dict())
+KEYSTORE = web.AppKey("admin_keystore", KeyStore)
+TEAMS = web.AppKey("admin_teams", TeamStore)
+LEDGER = web.AppKey("admin_ledger", UsageLedger)
+ADMIN_KEY = web.AppKey("admin_key", str)
+PRICES: web.AppKey[dict[str, float]] = web.AppKey("admin_prices")
+MODELS: web.AppKey[frozenset[str]] = web.AppKey("admin_models")
+
+
+def check_admin(request: web.Request) -> None:
+    expected = request.app[ADMIN_KEY]
+    given = bearer_key(request.headers)
+    if not expected:
+        raise PermissionDenied("The admin API is disabled: PROXY_ADMIN_KEY is not set.", code="admin_disabled")
+    if not given:
+        raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.",
+                                   code="missing_api_key")
+    if hmac.compare_digest(given.encode(), expected.encode()):
+        return
+    if given.startswith(KEY_PREFIX):
+        raise PermissionDenied("A gateway key cannot use the admin API.", code="not_admin_key")
+    raise AuthenticationFailed("Incorrect admin key provided.")
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    return body
+
+
+def limit_changes(body: dict[str, Any]) -> dict[str, int | None]:
+    """The quota fields of a body: positive integers, or 0/null to clear (unlimited)."""
+    out: dict[str, int | None] = {}
+    for name in _LIMIT_NAMES:
+        if name in body:
+            v = body[name]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise InvalidRequest(f"'{name}' must be a non-negative integer or null.", param=name)
+            out[name] = v or None
+    return out
+
+
+def _allowed(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise InvalidRequest(f"Unknown field '{sorted(unknown)[0]}'.", param=sorted(unknown)[0])
+
+
+def _number(body: dict[str, Any], name: str, default: float | None) -> float | None:
+    v = body.get(name, default)
+    if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
+        raise InvalidRequest(f"'{name}' must be a positive number of seconds.", param=name)
+    return None if v is None else float(v)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    records = await request.app[KEYSTORE].list(request.query.get("team") or None)
+    return _json({"object": "list", "data": [r.public() for r in records]})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await _body(request)
+    _allowed(body, {"team", "name", "models", "expires_in_s", *_LIMIT_NAMES})
+    team, name, models = body.get("team"), body.get("name", ""), body.get("models", [])
+    if not isinstance(team, str):
+        raise InvalidRequest("'team' is required.", param="team")
+    if not isinstance(name, str):
+        raise InvalidRequest("'name' must be a string.", param="name")
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise InvalidRequest("'models' must be a list of model names.", param="models")
+    unknown = [m for m in models if m not in request.app[MODELS]]
+    if unknown:
+        raise InvalidRequest(f"Unknown model '{unknown[0]}'.", param="models")
+    expires_in = _number(body, "expires_in_s", None)
+    limits = Limits().merged(limit_changes(body))
+    try:
+        key, record = await request.app[KEYSTORE].create(
+            team, name=name, models=tuple(models), limits=limits,
+            expires_at=time.time() + expires_in if expires_in else None,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="team") from None
+    return _json({"key": key, **record.public()}, status=201)
+
+
+def _found(record: Any, key_id: str) -> Any:
+    if record is None:
+        raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
+    return record
+
+
+async def show_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    return _json(_found(await request.app[KEYSTORE].get(key_id), key_id).public())
+
+
+async def update_key(request: web.Request) -> web.Response:
+    body = await _body(request)
+    _allowed(body, set(_LIMIT_NAMES))
+    key_id = request.match_info["id"]
+    record = await request.app[KEYSTORE].set_limits(key_id, limit_changes(body))
+    return _json(_found(record, key_id).public())
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    return _json(_found(await request.app[KEYSTORE].revoke(key_id), key_id).public())
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    body = await _body(request)
+    _allowed(body, {"grace_s"})
+    key_id = request.match_info["id"]
+    grace = _number(body, "grace_s", 86400.0)
+    rotated = _found(await request.app[KEYSTORE].rotate(key_id, grace or 0.0), key_id)
+    key, new, old = rotated
+    return _json({"key": key, **new.public(), "previous": old.public()}, status=201)
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    teams = await request.app[TEAMS].all()
+    data = [{"team": t, "limits": lim.to_dict(), "source": src} for t, (lim, src) in teams.items()]
+    return _json({"object": "list", "data": data})
+
+
+async def show_team(request: web.Request) -> web.Response:
+    team = request.match_info["team"]
+    return _json({"team": team, "limits": (await request.app[TEAMS].limits(team)).to_dict()})
+
+
+async def set_team(request: web.Request) -> web.Response:
+    body = await _body(request)
+    _allowed(body, set(_LIMIT_NAMES))
+    team = request.match_info["team"]
+    try:
+        limits = await request.app[TEAMS].set(team, limit_changes(body))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="team") from None
+    return _json({"team": team, "limits": limits.to_dict()})
+
+
+def parse_day(text: str | None, name: str) -> dt.date:
+    if not text:
+        return dt.datetime.now(dt.UTC).date()
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be a date, YYYY-MM-DD.", param=name) from None
+
+
+async def usage(request: web.Request) -> web.Response:
+    q = request.query
+    by, fmt = q.get("by") or None, q.get("format", "json")
+    if by not in (None, "team", "key", "model", "day"):
+        raise InvalidRequest("'by' must be one of team, key, model, day.", param="by")
+    if fmt not in ("json", "csv"):
+        raise InvalidRequest("'format' must be json or csv.", param="format")
+    since, until = parse_day(q.get("since"), "since"), parse_day(q.get("until"), "until")
+    with contextlib.suppress(StoreUnavailable):
+        await request.app[LEDGER].flush()  # this process's latest usage too
+    try:
+        prices: dict[str, float] = request.app[PRICES]
+        rows = await request.app[LEDGER].report(q.get("team") or None, since, until, cast(GroupBy | None, by),
+                                                prices)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="until") from None
+    if fmt == "csv":
+        return web.Response(text=report_format(cast(GroupBy | None, by)).csv(rows), content_type="text/csv")
+    return _json({"object": "list", "since": since.isoformat(), "until": until.isoformat(), "data": rows})
+
+
+def add_routes(app: web.Application, keystore: KeyStore, teams: TeamStore, ledger: UsageLedger,
+               admin_key: str, prices: dict[str, float]) -> None:
+    app[KEYSTORE], app[TEAMS], app[LEDGER], app[ADMIN_KEY], app[PRICES] = keystore, teams, ledger, admin_key, prices
+    app[MODELS] = frozenset(prices)
+    r = app.router
+    r.add_get("/admin/keys", list_keys)
+    r.add_post("/admin/keys", create_key)
+    r.add_get("/admin/keys/{id}", show_key)
+    r.add_patch("/admin/keys/{id}", update_key)
+    r.add_post("/admin/keys/{id}/revoke", revoke_key)
+    r.add_post("/admin/keys/{id}/rotate", rotate_key)
+    r.add_get("/admin/teams", list_teams)
+    r.add_get("/admin/teams/{team}", show_team)
+    r.add_put("/admin/teams/{team}", set_team)
+    r.add_get("/admin/usage", usage)

@@ -1,0 +1,214 @@
+"""Quotas against a real Redis with a pinned clock: windows, atomic reserve, refunds, corrections, scopes."""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.config import QuotaSettings, RedisSettings
+from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from proxy.keys import KeyRecord
+from proxy.limits import Limits
+from proxy.metrics import Metrics
+from proxy.quota import Quotas, format_reset, window
+from proxy.rediskeys import RedisKeys
+from proxy.store import Store, connect
+from proxy.teams import TeamStore
+
+pytestmark = pytest.mark.redis
+T0 = calendar.timegm((2026, 12, 31, 23, 59, 30))  # 30 s before a minute, a day, a month and a year all end
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_windows_roll_over_in_utc() -> None:
+    assert window("minute", T0) == (f"m{T0 // 60}", T0 + 30)
+    assert window("day", T0) == ("d20261231", T0 + 30)
+    assert window("month", T0) == ("mo202612", T0 + 30)
+    after = T0 + 30
+    assert window("minute", after)[0] == f"m{T0 // 60 + 1}"
+    assert window("day", after) == ("d20270101", after + 86400)
+    assert window("month", after) == ("mo202701", float(calendar.timegm((2027, 2, 1, 0, 0, 0))))
+    feb = calendar.timegm((2028, 2, 29, 12, 0, 0))  # leap day
+    assert window("month", feb) == ("mo202802", float(calendar.timegm((2028, 3, 1, 0, 0, 0))))
+
+
+def test_reset_format_is_openais() -> None:
+    assert [format_reset(s) for s in (0.25, 1, 12.4, 60, 361, 3 * 3600 + 121)] == [
+        "250ms", "1s", "12s", "1m0s", "6m1s", "3h2m1s",
+    ]
+
+
+def test_counter_keys_share_a_cluster_slot_per_team() -> None:
+    k = RedisKeys("ep")
+    assert k.quota_counter("search", None, "tok", "m100") == "ep:q:{search}:t:tok:m100"
+    assert k.quota_counter("search", "key_ab", "req", "d20261231") == "ep:q:{search}:k.key_ab:req:d20261231"
+
+
+@dataclasses.dataclass
+class Env:
+    quotas: Quotas
+    teams: TeamStore
+    clock: Clock
+    metrics: Metrics
+    store: Store
+
+
+@pytest.fixture
+async def env(redis_url: str) -> AsyncIterator[Any]:
+    made: list[Store] = []
+
+    async def make(team_limits: dict[str, Limits] | None = None, url: str = redis_url, **quota: Any) -> Env:
+        settings = RedisSettings(url=url, socket_timeout_s=0.5, retry_interval_s=0.2)
+        client, _ = connect(settings)
+        store = Store(client, settings)
+        made.append(store)
+        clock = Clock(T0)
+        keys = RedisKeys("ep")
+        teams = TeamStore(store, keys, team_limits or {}, cache_s=0)
+        metrics = Metrics()
+        quotas = Quotas(store, keys, teams, QuotaSettings(**quota), metrics, clock=clock)
+        return Env(quotas, teams, clock, metrics, store)
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+def key(team: str = "search", kid: str = "key_1", **limits: int) -> KeyRecord:
+    return KeyRecord(kid, team, limits=Limits(**limits))
+
+
+async def test_tokens_per_minute_exhaust_then_reset_at_the_minute(env: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=100)})
+    k = key()
+    a = await e.quotas.admit(k, 60, 60)
+    assert a.headers["x-ratelimit-limit-tokens"] == "100"
+    assert a.headers["x-ratelimit-remaining-tokens"] == "40"
+    assert a.headers["x-ratelimit-reset-tokens"] == "30s"
+    await e.quotas.admit(k, 40, 40)  # exactly fills the allowance: fits
+    with pytest.raises(RateLimited) as err:
+        await e.quotas.admit(k, 1, 1)
+    assert err.value.code == "rate_limit_exceeded" and err.value.retry_after == 30
+    assert err.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "limit 100, used 100, requested 1" in err.value.message
+    # a request that does not fit consumes nothing: a smaller one admitted after the refusal still fits exactly
+    e.clock.now = T0 + 29.9
+    with pytest.raises(RateLimited):
+        await e.quotas.admit(k, 100, 100)
+    e.clock.now = T0 + 30  # next minute: a fresh allowance
+    assert (await e.quotas.admit(k, 100, 100)).headers["x-ratelimit-remaining-tokens"] == "0"
+    rejected = e.metrics.quota_rejections.labels("search", "team", "tpm")._value.get()
+    assert rejected == 2
+
+
+async def test_refused_request_consumes_nothing_in_any_counter(env: Any) -> None:
+    e: Env = await env({"search": Limits(rpm=10, tokens_per_day=50)})
+    k = key()
+    await e.quotas.admit(k, 50, 50)
+    with pytest.raises(QuotaExceeded) as err:
+        await e.quotas.admit(k, 1, 1)
+    assert err.value.status == 429 and err.value.code == "insufficient_quota"
+    ok = await e.quotas.admit(k, 0, 0)  # a full cache hit still fits: the refused one took no request slot
+    assert ok.headers["x-ratelimit-remaining-requests"] == "8"
+
+
+async def test_day_and_month_budgets_roll_over_at_utc_midnight_and_month_start(env: Any) -> None:
+    e: Env = await env({"search": Limits(tokens_per_day=10, tokens_per_month=15)})
+    k = key()
+    await e.quotas.admit(k, 10, 10)
+    with pytest.raises(QuotaExceeded) as err:
+        await e.quotas.admit(k, 1, 1)
+    assert err.value.retry_after == 30  # midnight
+    e.clock.now = T0 + 30  # 2027-01-01: new day and new month
+    a = await e.quotas.admit(k, 10, 10)
+    assert a.headers["x-ratelimit-remaining-tokens"] == "0"  # the day's 10 are the tightest
+    e.clock.now = T0 + 30 + 86400  # 2027-01-02: new day, same month
+    await e.quotas.admit(k, 5, 5)
+    with pytest.raises(QuotaExceeded) as month:
+        await e.quotas.admit(k, 1, 1)
+    assert "tokens per month" in month.value.message
+    assert month.value.retry_after == calendar.timegm((2027, 2, 1, 0, 0, 0)) - e.clock.now
+
+
+async def test_key_and_team_limits_both_apply_and_teams_are_separate(env: Any) -> None:
+    e: Env = await env({"search": Limits(rpm=3), "ads": Limits(rpm=1)})
+    narrow = key(kid="key_narrow", rpm=1)
+    wide = key(kid="key_wide")
+    await e.quotas.admit(narrow, 0, 0)
+    with pytest.raises(RateLimited) as err:
+        await e.quotas.admit(narrow, 0, 0)
+    assert "key key_narrow" in err.value.message
+    assert e.metrics.quota_rejections.labels("search", "key", "rpm")._value.get() == 1
+    await e.quotas.admit(wide, 0, 0)
+    await e.quotas.admit(wide, 0, 0)  # team: 3 of 3 used (narrow 1 + wide 2)
+    with pytest.raises(RateLimited) as team_err:
+        await e.quotas.admit(wide, 0, 0)
+    assert "team 'search'" in team_err.value.message
+    await e.quotas.admit(key("ads", "key_ads"), 0, 0)  # another team's allowance is untouched
+
+
+async def test_refund_and_correction_from_upstream_usage(env: Any, redis_server: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=100)})
+    k = key()
+    a = await e.quotas.admit(k, 70, 70)
+    await a.refund()  # the request failed: its tokens come back
+    b = await e.quotas.admit(k, 100, 100)
+    await b.settle(90)  # the upstream counted 90, not 100
+    c = await e.quotas.admit(k, 10, 10)
+    assert c.headers["x-ratelimit-remaining-tokens"] == "0"
+    # a late refund into a window that has expired never creates a counter without an expiry
+    raw = redis_server.client()
+    for counter in c.counters:
+        raw.delete(counter.key)
+    await c.refund()
+    assert not any(raw.exists(counter.key) for counter in c.counters)
+    e.clock.now = T0 + 30
+    ttl_key = (await e.quotas.admit(k, 5, 5)).counters[0].key
+    assert raw.expiretime(ttl_key) == T0 + 30 + 60 + 60  # the window's end (pinned clock) plus a minute
+
+
+async def test_count_all_tokens_switch(env: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=100)}, count="all")
+    a = await e.quotas.admit(key(), 0, 80)  # a full cache hit of 80 tokens: counted under "all"
+    assert a.headers["x-ratelimit-remaining-tokens"] == "20"
+    billable: Env = await env({"search": Limits(tpm=100)})
+    b = await billable.quotas.admit(key(kid="key_2", team="other"), 0, 80)
+    assert b.headers == {}  # team "other" has no limits: nothing counted, no headers
+
+
+async def test_team_limits_set_at_run_time_replace_configured_ones(env: Any) -> None:
+    e: Env = await env({"search": Limits(rpm=1, tpm=100)})
+    assert await e.teams.limits("search") == Limits(rpm=1, tpm=100)
+    assert await e.teams.set("search", {"rpm": 5}) == Limits(rpm=5, tpm=100)
+    assert await e.teams.set("search", {"tpm": 0}) == Limits(rpm=5)
+    assert await e.teams.limits("search") == Limits(rpm=5)
+    listed = await e.teams.all()
+    assert listed["search"] == (Limits(rpm=5), "runtime")
+    with pytest.raises(ValueError):
+        await e.teams.set("Bad Team", {"rpm": 1})
+
+
+async def test_redis_down_fail_open_keeps_limits_per_process_fail_closed_refuses(env: Any, own_redis: Any) -> None:
+    url = own_redis.url
+    opened: Env = await env({"search": Limits(rpm=2)}, url=url)
+    closed: Env = await env({"search": Limits(rpm=2)}, url=url, on_redis_down="closed")
+    await opened.teams.limits("search")  # read once while Redis is up
+    own_redis.stop()
+    k = key()
+    await opened.quotas.admit(k, 0, 0)
+    await opened.quotas.admit(k, 0, 0)
+    with pytest.raises(RateLimited):
+        await opened.quotas.admit(k, 0, 0)  # still enforced, in this process
+    with pytest.raises(ServiceUnavailable):
+        await closed.quotas.admit(k, 0, 0)
