@@ -88,8 +88,12 @@ class Admission:
     async def settle(self, tokens: int) -> None:
         """Correct the reservation to the tokens the request really consumed (the upstream's count)."""
         if tokens != self.tokens and self.quotas is not None:
-            await self.quotas.adjust(self, tokens - self.tokens)
+            delta = tokens - self.tokens
+            await self.quotas.adjust(self, delta)
             self.tokens = tokens
+            self.values = [v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
+                                                                                  strict=True)]
+            self.headers = rate_headers(self.counters, self.values, self.now)
 
     async def refund(self) -> None:
         """The request failed: give its tokens back."""

@@ -257,3 +257,17 @@ async def test_redis_down_quota_behaviour_is_the_configured_one(
         assert statuses == [503, 503, 503]
         body = await (await p.embed(key, {"model": MODEL, "input": "y"})).json()
         assert_openai_error(body, "server_error", "service_unavailable")
+
+
+async def test_reservation_is_corrected_to_the_upstreams_usage(
+    make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    p = await make(make_proxy, upstream, redis_url)
+    key = await p.new_key("search", limits=Limits(tpm=100))
+    upstream.settings.token_skew = 2  # the upstream counts 2 more tokens per input than cl100k_base does
+    resp = await p.embed(key, {"model": MODEL, "input": ["one two three", "four"]})  # 3 + 1 locally
+    assert (await resp.json())["usage"]["prompt_tokens"] == 8  # the upstream's count is the authority
+    assert resp.headers["x-ratelimit-remaining-tokens"] == "92"  # 4 reserved, corrected to 8
+    upstream.settings.token_skew = 0
+    nxt = await p.embed(key, {"model": MODEL, "input": "five"})
+    assert nxt.headers["x-ratelimit-remaining-tokens"] == str(100 - 8 - 1)
