@@ -204,7 +204,7 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
     tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
     service = EmbeddingService(settings, cache, upstream, m, tokenizers)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
-    app[AUTH] = Authenticator(keystore, settings.keys.offline_grace_s)
+    app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
     app[UPSTREAM], app[SERVICE] = upstream, service
     app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
     app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m)
@@ -218,12 +218,16 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
             await cache.seed()
         except StoreUnavailable:
             log.warning("redis unreachable at start-up: the cache is bypassed until it answers")
-        flusher = asyncio.create_task(ledger.run(settings.usage.flush_interval_s))
+        background = [
+            asyncio.create_task(ledger.run(settings.usage.flush_interval_s)),
+            asyncio.create_task(auth.listen(store.client, rkeys.key_changes(), settings.redis.retry_interval_s)),
+        ]
         yield
         await service.drain()
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await ledger.flush()
         except StoreUnavailable:

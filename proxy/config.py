@@ -117,6 +117,9 @@ class CacheSettings:
 class KeySettings:
     # While Redis is unreachable, keys verified within this many seconds are still accepted; others are refused.
     offline_grace_s: float = 120.0
+    # A verified key is trusted this long without a Redis read. Changes (revoke, rotate, limits) are pushed to
+    # every instance at once over pub/sub; this only bounds how long a lost message can go unnoticed.
+    cache_s: float = 2.0
 
 
 @dataclass(frozen=True)

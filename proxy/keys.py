@@ -7,7 +7,10 @@ record, checked on every request while Redis is reachable, so it takes effect at
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import math
 import re
 import secrets
 import time
@@ -20,6 +23,7 @@ from .limits import UNLIMITED, Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
 
+log = logging.getLogger("proxy.keys")
 KEY_PREFIX = "sk-gateway-"
 _KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
 
@@ -120,8 +124,9 @@ class KeyStore:
         await self._store.call("key-create", write)
         return key, record
 
-    async def lookup(self, key: str) -> KeyRecord | None:
-        raw = await self._store.call("key-get", lambda r: r.hgetall(self._keys.key_record(hash_key(key))))
+    async def lookup(self, digest: str) -> KeyRecord | None:
+        """The record of the key whose SHA-256 is `digest`."""
+        raw = await self._store.call("key-get", lambda r: r.hgetall(self._keys.key_record(digest)))
         return KeyRecord.from_redis(raw) if raw else None
 
     async def list(self, team: str | None = None) -> list[KeyRecord]:
@@ -172,6 +177,7 @@ class KeyStore:
             record_key = self._keys.key_record(digest.decode())
             if fields:
                 await r.hset(record_key, mapping=fields)
+                await r.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy
             raw = await r.hgetall(record_key)
             return KeyRecord.from_redis(raw) if raw else None
 
@@ -188,13 +194,29 @@ def bearer_key(headers: Any) -> str | None:
 
 
 class Authenticator:
-    """Checks keys against Redis on every request, keeping a copy of recently verified keys for outages only."""
+    """Checks keys, keeping verified records in process for `cache_s` so most requests need no Redis read.
 
-    def __init__(self, keystore: KeyStore, offline_grace_s: float, clock: Callable[[], float] = time.time) -> None:
+    Every change to a key record (revoke, rotate, limits) is published on `{prefix}:keys:changed`; `listen()`
+    drops the changed key from this process's copy as soon as the message arrives, and drops everything whenever
+    the subscription is lost, so `cache_s` only bounds a lost message. While Redis is unreachable, keys verified
+    within `offline_grace_s` still work and any other key is refused with 503.
+    """
+
+    def __init__(
+        self,
+        keystore: KeyStore,
+        offline_grace_s: float,
+        cache_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._keystore = keystore
         self._grace = offline_grace_s
+        self._cache_s = cache_s
         self._clock = clock
-        self._verified: dict[str, tuple[KeyRecord, float]] = {}
+        self._wall_clock = wall_clock
+        # sha256 of the key -> (record, when it was read from Redis, until when it is trusted without a read)
+        self._verified: dict[str, tuple[KeyRecord, float, float]] = {}
 
     async def authenticate(self, key: str | None) -> KeyRecord:
         if not key:
@@ -204,33 +226,62 @@ class Authenticator:
             )
         if not _KEY_RE.match(key):
             raise AuthenticationFailed("Incorrect API key provided.")
+        digest = hash_key(key)
         now = self._clock()
-        try:
-            record = await self._keystore.lookup(key)
-        except StoreUnavailable:
-            record = self._offline(key, now)
+        hit = self._verified.get(digest)
+        if hit is not None and now < hit[2]:
+            record = hit[0]
         else:
-            if record is None:
-                self._verified.pop(key, None)
-                raise AuthenticationFailed("Incorrect API key provided.")
-            self._remember(key, record, now)
+            try:
+                found = await self._keystore.lookup(digest)
+            except StoreUnavailable:
+                if hit is None or now - hit[1] > self._grace:
+                    raise ServiceUnavailable(
+                        "The key store is unreachable and this key has not been verified recently."
+                    ) from None
+                record = hit[0]
+            else:
+                if found is None:
+                    self._verified.pop(digest, None)
+                    raise AuthenticationFailed("Incorrect API key provided.")
+                record = found
+                self._remember(digest, record, now)
         if record.revoked:
             raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
-        if record.expires_at is not None and now >= record.expires_at:
+        if record.expires_at is not None and self._wall_clock() >= record.expires_at:
             raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
         return record
 
-    def _offline(self, key: str, now: float) -> KeyRecord:
-        hit = self._verified.get(key)
-        if hit is None or now - hit[1] > self._grace:
-            raise ServiceUnavailable("The key store is unreachable and this key has not been verified recently.")
-        return hit[0]
-
-    def _remember(self, key: str, record: KeyRecord, now: float) -> None:
+    def _remember(self, digest: str, record: KeyRecord, now: float) -> None:
         if len(self._verified) > 10_000:  # bounded: drop the oldest verifications
             for stale in sorted(self._verified, key=lambda k: self._verified[k][1])[:1000]:
                 del self._verified[stale]
-        self._verified[key] = (record, now)
+        self._verified[digest] = (record, now, now + self._cache_s)
+
+    def forget(self, digest: str | None = None) -> None:
+        """Read one key (None: every key) from Redis again on its next use. The records stay for outages."""
+        for k in [digest] if digest is not None else list(self._verified):
+            if k in self._verified:
+                record, verified_at, _ = self._verified[k]
+                self._verified[k] = (record, verified_at, -math.inf)
+
+    async def listen(self, client: Any, channel: str, retry_s: float = 1.0) -> None:
+        """Apply published key changes until cancelled; resubscribe after any failure."""
+        while True:
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    self.forget()  # anything may have changed while we were not listening
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            self.forget(data.decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection dropped: drop everything, try again
+                log.warning("key change subscription lost (%s); retrying", type(exc).__name__)
+                self.forget()
+            await asyncio.sleep(retry_s)
 
 
 def check_model(record: KeyRecord, model: str) -> None:

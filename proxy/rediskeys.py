@@ -5,6 +5,7 @@
     {prefix}:key:{sha256(key)}         hash: one gateway key's record (the key itself is never stored)
     {prefix}:keyid:{key_id}            string: sha256 of the key with that id
     {prefix}:keys                      sorted set: key ids by creation time
+    {prefix}:keys:changed              pub/sub channel: sha256 of a key whose record changed
     {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
     {prefix}:team:{team}               hash: a team's quota limits set at run time (CLI, admin API)
     {prefix}:teams                     set: names of teams with a stored record
@@ -66,6 +67,9 @@ class RedisKeys:
 
     def key_index(self) -> str:
         return f"{self.prefix}:keys"
+
+    def key_changes(self) -> str:
+        return f"{self.prefix}:keys:changed"
 
     def cache_secret(self) -> str:
         return f"{self.prefix}:meta:cache-secret"

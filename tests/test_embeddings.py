@@ -195,6 +195,7 @@ async def test_cache_scope(make_proxy: Any, upstream: Upstream, redis_url: str, 
     resp = await proxy.embed(ads, body)
     assert resp.headers["x-cache"] == ("hit" if scope == "shared" else "miss")
     assert upstream.state.inputs == (1 if scope == "shared" else 2)
+    await settle(proxy)
     assert (await proxy.embed(ads, body)).headers["x-cache"] == "hit"
 
 

@@ -271,3 +271,20 @@ async def test_reservation_is_corrected_to_the_upstreams_usage(
     upstream.settings.token_skew = 0
     nxt = await p.embed(key, {"model": MODEL, "input": "five"})
     assert nxt.headers["x-ratelimit-remaining-tokens"] == str(100 - 8 - 1)
+
+
+async def test_key_changes_reach_other_instances_at_once(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:
+    # Both instances trust a verified key for a minute; only the published change can make B read it again.
+    a = await make(make_proxy, upstream, redis_url, "[keys]\ncache_s = 60.0\n")
+    b = await make(make_proxy, upstream, redis_url, "[keys]\ncache_s = 60.0\n")
+    key, record = await a.app[KEYSTORE].create("search")
+    assert (await b.embed(key, {"model": MODEL, "input": "x"})).status == 200  # cached in B from now on
+    await a.app[KEYSTORE].set_limits(record.id, {"rpm": 1})
+    await a.app[KEYSTORE].revoke(record.id)
+    statuses = []
+    for _ in range(50):
+        statuses.append((await b.embed(key, {"model": MODEL, "input": "x"})).status)
+        if statuses[-1] == 401:
+            break
+        await asyncio.sleep(0.01)
+    assert statuses[-1] == 401 and len(statuses) <= 20, statuses  # well under the minute B would otherwise trust it
