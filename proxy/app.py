@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import time
@@ -127,7 +126,7 @@ async def embeddings(request: web.Request) -> web.Response:
     request[MODEL] = req.model
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
-    outcome = await app[SERVICE].embed(req, key.team, functools.partial(app[QUOTAS].admit, key))
+    outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key))
     app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
     m = app[METRICS]
     m.inputs.labels(key.team, req.model, "cache").inc(len(outcome.positions) - outcome.upstream_inputs)
@@ -136,8 +135,8 @@ async def embeddings(request: web.Request) -> web.Response:
     m.tokens.labels(key.team, req.model, "upstream").inc(outcome.billed_tokens)
     resp = web.Response(body=render(req, outcome), content_type="application/json")
     resp.headers["x-cache"] = outcome.cache
-    if outcome.admission is not None:
-        resp.headers.update(outcome.admission.headers)
+    if outcome.ticket is not None:
+        resp.headers.update(outcome.ticket.headers)
     return resp
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .rediskeys import RedisKeys, seed_from_secret
 from .store import Store, StoreUnavailable
@@ -56,10 +57,25 @@ class EmbeddingCache:
         value: bytes = await r.get(key)  # type: ignore[attr-defined]
         return value.decode()
 
-    async def get_many(self, keys: Sequence[str], dims: int) -> list[Entry | None]:
-        """One MGET. Raises StoreUnavailable; callers then go upstream for everything."""
-        values = await self._store.call("mget", lambda r: r.mget(keys))
-        return [None if v is None else decode_entry(v, dims) for v in values]
+    async def get_many(
+        self, keys: Sequence[str], dims: int, also: Callable[[Any], None] | None = None
+    ) -> tuple[list[Entry | None], list[Any]]:
+        """One round trip: an MGET of `keys`, plus what `also` queues in the same pipeline (the quota check); its
+        replies come back as they are, errors included. Raises StoreUnavailable; callers then go upstream."""
+
+        async def read(r: Any) -> list[Any]:
+            if also is None:
+                return [await r.mget(keys)]
+            pipe = r.pipeline(transaction=False)
+            pipe.mget(keys)
+            also(pipe)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
+        values, *extra = await self._store.call("mget", read)
+        if isinstance(values, Exception):
+            raise StoreUnavailable(f"redis mget failed: {values}")
+        return [None if v is None else decode_entry(v, dims) for v in values], extra
 
     async def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         async def write(r: object) -> None:

@@ -17,7 +17,7 @@ import calendar
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
@@ -73,31 +73,79 @@ class Counter:
     resets_at: float
 
 
-@dataclass
-class Admission:
-    """One admitted request's reservation: enough to correct or refund it, and its x-ratelimit-* headers."""
+class Ticket:
+    """One request's reservation, made in two steps so that a cache hit costs no extra round trip:
 
-    counters: list[Counter]
-    values: list[int]  # each counter's value after this request
-    tokens: int  # tokens reserved
-    now: float
-    counts_all: bool = False  # quotas count every prompt token, not only those sent upstream
-    quotas: Quotas | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    1. the request itself (`queue` puts the script in the pipeline that reads the cache; `charge_request` reads
+       its reply, or runs it alone), checking request limits, and reading every counter for the headers;
+    2. its tokens, once the cache has said what must go upstream (`charge_tokens`); nothing to do for a full hit
+       when only billable tokens count. If the tokens do not fit, the request slot is given back too.
+    Afterwards `settle` corrects the tokens to the upstream's count, and `refund` gives them back on failure.
+    """
+
+    def __init__(self, quotas: Quotas, key: KeyRecord, counters: list[Counter], now: float, counts_all: bool) -> None:
+        self._quotas = quotas
+        self.key = key
+        self.counters = counters
+        self.now = now
+        self.counts_all = counts_all  # quotas count every prompt token, not only those sent upstream
+        self.values = [0] * len(counters)  # each counter's value after this request
+        self.tokens = 0  # tokens reserved
+        self.headers: dict[str, str] = {}
+
+    def _args(self, requests: int, tokens: int) -> list[Any]:
+        args: list[Any] = []
+        for c in self.counters:
+            args += [c.limit, requests if c.metric == "req" else tokens, int(c.resets_at) + 60]
+        return args
+
+    def queue(self, pipe: Any) -> None:
+        """Queue step 1 in a pipeline (its reply goes to `charge_request`)."""
+        keys = [c.key for c in self.counters]
+        pipe.evalsha(self._quotas.charge_sha, len(keys), *keys, *self._args(1, 0))
+
+    async def charge_request(self, reply: Any = None) -> None:
+        """Step 1: `reply` from the queued script, or None (or an error such as NOSCRIPT) to run it now."""
+        if reply is None or isinstance(reply, Exception):
+            reply = await self._quotas.charge([c.key for c in self.counters], self._args(1, 0))
+        self._apply(reply, 1, 0)
+
+    async def charge_tokens(self, billable_tokens: int, all_tokens: int) -> None:
+        """Step 2: reserve the tokens (those about to go upstream, or every prompt token under count = "all")."""
+        tokens = all_tokens if self.counts_all else billable_tokens
+        if tokens <= 0:
+            return
+        reply = await self._quotas.charge([c.key for c in self.counters], self._args(0, tokens))
+        if reply[0] == 0:
+            await self.release_request()
+        self._apply(reply, 0, tokens)
+        self.tokens = tokens
+
+    async def release_request(self) -> None:
+        """Give the request slot back (refused for tokens, or invalid after step 1)."""
+        await self._quotas.adjust([c.key for c in self.counters if c.metric == "req"], -1)
 
     async def settle(self, tokens: int) -> None:
         """Correct the reservation to the tokens the request really consumed (the upstream's count)."""
-        if tokens != self.tokens and self.quotas is not None:
-            delta = tokens - self.tokens
-            await self.quotas.adjust(self, delta)
+        delta = tokens - self.tokens
+        if delta:
+            await self._quotas.adjust([c.key for c in self.counters if c.metric == "tok"], delta)
             self.tokens = tokens
             self.values = [v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
                                                                                   strict=True)]
             self.headers = rate_headers(self.counters, self.values, self.now)
 
     async def refund(self) -> None:
-        """The request failed: give its tokens back."""
+        """The request failed: give its tokens back (it keeps its request slot: it was made)."""
         await self.settle(0)
+
+    def _apply(self, reply: Any, requests: int, tokens: int) -> None:
+        if reply[0] == 0:
+            c = self.counters[int(reply[1]) - 1]
+            self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now)
+        self.values = [int(v) for v in reply[1:]]
+        self.headers = rate_headers(self.counters, self.values, self.now)
+        self._quotas.observe(self.key, self.counters, self.values)
 
 
 def rate_headers(counters: list[Counter], values: list[int], now: float) -> dict[str, str]:
@@ -144,33 +192,25 @@ class Quotas:
                 out.append(Counter(rkey, scope, name, metric, value, resets_at))  # type: ignore[arg-type]
         return out
 
-    async def admit(self, key: KeyRecord, billable_tokens: int, all_tokens: int) -> Admission:
-        """Reserve one request and its tokens against every limit of the key and its team, or refuse (429).
+    @property
+    def charge_sha(self) -> str:
+        return str(self._charge.sha)
 
-        Counts `billable_tokens` (those about to go upstream) or, with `quotas.count = "all"`, `all_tokens`."""
+    async def ticket(self, key: KeyRecord) -> Ticket | None:
+        """A ticket for one request of `key`, or None when neither the key nor its team has limits."""
         now = self._clock()
-        counts_all = self._settings.count == "all"
-        tokens = all_tokens if counts_all else billable_tokens
         counters = self.counters(key, await self._teams.limits(key.team), now)
-        if not counters:
-            return Admission([], [], tokens, now, counts_all)
-        args: list[Any] = []
-        for c in counters:
-            args += [c.limit, 1 if c.metric == "req" else tokens, int(c.resets_at) + 60]
-        reply = await self._run(self._charge, [c.key for c in counters], args)
-        if reply[0] == 0:
-            self._reject(key, counters[int(reply[1]) - 1], int(reply[2]), tokens, now)
-        values = [int(v) for v in reply[1:]]
-        self._observe(key, counters, values)
-        return Admission(counters, values, tokens, now, counts_all, self, rate_headers(counters, values, now))
+        return Ticket(self, key, counters, now, self._settings.count == "all") if counters else None
 
-    async def adjust(self, admission: Admission, delta_tokens: int) -> None:
-        toks = [c.key for c in admission.counters if c.metric == "tok"]
-        if toks:
+    async def charge(self, keys: list[str], args: list[Any]) -> Any:
+        return await self._run(self._charge, keys, args)
+
+    async def adjust(self, keys: list[str], delta: int) -> None:
+        if keys:
             try:
-                await self._run(self._adjust, toks, [delta_tokens] * len(toks))
+                await self._run(self._adjust, keys, [delta] * len(keys))
             except ProxyError:  # closed mode with Redis down: the reservation is already lost with it
-                log.warning("quota correction of %d tokens not applied: redis unreachable", delta_tokens)
+                log.warning("quota correction of %d not applied: redis unreachable", delta)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -187,9 +227,8 @@ class Quotas:
             log.warning("redis unreachable: quotas are enforced per process until it is back")
         return await script(keys=keys, args=args, client=self._local)
 
-    def _reject(self, key: KeyRecord, c: Counter, used: int, tokens: int, now: float) -> None:
+    def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float) -> None:
         whose = f"team '{key.team}'" if c.scope == "team" else f"key {key.id}"
-        asked = 1 if c.metric == "req" else tokens
         wait = max(0.0, c.resets_at - now)
         self._metrics.quota_rejections.labels(key.team, c.scope, c.limit_name).inc()
         message = (
@@ -207,7 +246,7 @@ class Quotas:
         err.headers.update(rate_headers([c], [used], now))  # the counter that refused it, as it stands
         raise err
 
-    def _observe(self, key: KeyRecord, counters: list[Counter], values: list[int]) -> None:
+    def observe(self, key: KeyRecord, counters: list[Counter], values: list[int]) -> None:
         for c, v in zip(counters, values, strict=True):
             key_id = "" if c.scope == "team" else key.id
             self._metrics.quota_limit.labels(key.team, key_id, c.limit_name).set(c.limit)

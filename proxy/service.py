@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .cache import EmbeddingCache, Entry
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
 from .metrics import Metrics
-from .quota import Admission
+from .quota import Ticket
 from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
 from .store import StoreUnavailable
@@ -41,7 +41,7 @@ class Outcome:
     cache_hits: int  # unique inputs found in the cache
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
-    admission: Admission | None = None  # the quota reservation, when the key or its team has limits
+    ticket: Ticket | None = None  # the quota reservation, when the key or its team has limits
 
     @property
     def cached_tokens(self) -> int:
@@ -85,14 +85,9 @@ class EmbeddingService:
         # work, and nothing hashed with it is ever written.
         self._fallback_seed = seed_from_secret(secrets.token_urlsafe(32))
 
-    async def embed(
-        self,
-        req: EmbeddingRequest,
-        team: str,
-        admit: Callable[[int, int], Awaitable[Admission]] | None = None,
-    ) -> Outcome:
-        """The answer's vectors and counts. `admit(billable_tokens, all_tokens)` is called once the request is
-        known to be valid and what it costs is known, before anything goes upstream; it may refuse (429)."""
+    async def embed(self, req: EmbeddingRequest, team: str, ticket: Ticket | None = None) -> Outcome:
+        """The answer's vectors and counts. With a quota `ticket`, the request is charged in the cache read's
+        round trip and its tokens once they are known, before anything goes upstream; either may refuse (429)."""
         spec = self._settings.models[req.model]
         dims = req.dimensions or spec.dimensions
         try:
@@ -118,11 +113,14 @@ class EmbeddingService:
         pending = self._inflight.pending(keys)
         lookup = [i for i, k in enumerate(keys) if k not in pending] if pending else list(range(len(keys)))
         bypassed = not cacheable
+        quota_reply: Any = None
         if cacheable and lookup:
             try:
-                for i, entry in zip(lookup, await self._cache.get_many([keys[i] for i in lookup], dims),
-                                    strict=True):
+                also = ticket.queue if ticket is not None else None
+                got, extra = await self._cache.get_many([keys[i] for i in lookup], dims, also)
+                for i, entry in zip(lookup, got, strict=True):
                     found[i] = entry
+                quota_reply = extra[0] if extra else None
             except StoreUnavailable:
                 bypassed = True
         misses = [i for i, e in enumerate(found) if e is None]
@@ -133,14 +131,20 @@ class EmbeddingService:
             self._metrics.cache_lookups.labels("hit").inc(hits)
             self._metrics.cache_lookups.labels("miss").inc(len(lookup) - hits)
 
+        if ticket is not None:
+            await ticket.charge_request(quota_reply)
         counts = [e.tokens if e is not None else 0 for e in found]
-        for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
-            counts[i] = n
-        self._check_limits(spec, counts, positions)
-        admission = None
-        if admit is not None:
+        try:
+            for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
+                counts[i] = n
+            self._check_limits(spec, counts, positions)
+        except InvalidRequest:
+            if ticket is not None:
+                await ticket.release_request()
+            raise
+        if ticket is not None:
             fetching = [i for i in misses if keys[i] not in pending]
-            admission = await admit(sum(counts[i] for i in fetching), sum(counts[p] for p in positions))
+            await ticket.charge_tokens(sum(counts[i] for i in fetching), sum(counts[p] for p in positions))
 
         futures, owned = self._inflight.claim(keys[i] for i in misses)
         owned_idx = [unique[k] for k in owned]
@@ -155,8 +159,8 @@ class EmbeddingService:
             try:
                 results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
             except Exception:
-                if admission is not None:
-                    await admission.refund()
+                if ticket is not None:
+                    await ticket.refund()
                 raise
             for i, entry in zip(misses, results, strict=True):
                 found[i] = entry
@@ -164,10 +168,10 @@ class EmbeddingService:
 
         billed = sum(entries[i].tokens for i in owned_idx)
         prompt = sum(entries[p].tokens for p in positions)
-        if admission is not None:
-            await admission.settle(prompt if admission.counts_all else billed)
+        if ticket is not None:
+            await ticket.settle(prompt if ticket.counts_all else billed)
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, admission)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket)
 
     async def _count(self, spec: ModelSettings, kind: str, items: list[str | list[int]]) -> list[int]:
         tokenizer = self._tokenizers[spec.tokenizer]

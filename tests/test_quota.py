@@ -14,7 +14,7 @@ from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from proxy.keys import KeyRecord
 from proxy.limits import Limits
 from proxy.metrics import Metrics
-from proxy.quota import Quotas, format_reset, window
+from proxy.quota import Quotas, Ticket, format_reset, window
 from proxy.rediskeys import RedisKeys
 from proxy.store import Store, connect
 from proxy.teams import TeamStore
@@ -85,6 +85,16 @@ async def env(redis_url: str) -> AsyncIterator[Any]:
         await s.close()
 
 
+async def admit(quotas: Quotas, k: KeyRecord, billable: int, all_tokens: int) -> Ticket:
+    """What the embeddings path does: the request, then its tokens."""
+    ticket = await quotas.ticket(k)
+    if ticket is None:
+        return Ticket(quotas, k, [], 0.0, False)
+    await ticket.charge_request()
+    await ticket.charge_tokens(billable, all_tokens)
+    return ticket
+
+
 def key(team: str = "search", kid: str = "key_1", **limits: int) -> KeyRecord:
     return KeyRecord(kid, team, limits=Limits(**limits))
 
@@ -92,22 +102,22 @@ def key(team: str = "search", kid: str = "key_1", **limits: int) -> KeyRecord:
 async def test_tokens_per_minute_exhaust_then_reset_at_the_minute(env: Any) -> None:
     e: Env = await env({"search": Limits(tpm=100)})
     k = key()
-    a = await e.quotas.admit(k, 60, 60)
+    a = await admit(e.quotas, k, 60, 60)
     assert a.headers["x-ratelimit-limit-tokens"] == "100"
     assert a.headers["x-ratelimit-remaining-tokens"] == "40"
     assert a.headers["x-ratelimit-reset-tokens"] == "30s"
-    await e.quotas.admit(k, 40, 40)  # exactly fills the allowance: fits
+    await admit(e.quotas, k, 40, 40)  # exactly fills the allowance: fits
     with pytest.raises(RateLimited) as err:
-        await e.quotas.admit(k, 1, 1)
+        await admit(e.quotas, k, 1, 1)
     assert err.value.code == "rate_limit_exceeded" and err.value.retry_after == 30
     assert err.value.headers["x-ratelimit-remaining-tokens"] == "0"
     assert "limit 100, used 100, requested 1" in err.value.message
     # a request that does not fit consumes nothing: a smaller one admitted after the refusal still fits exactly
     e.clock.now = T0 + 29.9
     with pytest.raises(RateLimited):
-        await e.quotas.admit(k, 100, 100)
+        await admit(e.quotas, k, 100, 100)
     e.clock.now = T0 + 30  # next minute: a fresh allowance
-    assert (await e.quotas.admit(k, 100, 100)).headers["x-ratelimit-remaining-tokens"] == "0"
+    assert (await admit(e.quotas, k, 100, 100)).headers["x-ratelimit-remaining-tokens"] == "0"
     rejected = e.metrics.quota_rejections.labels("search", "team", "tpm")._value.get()
     assert rejected == 2
 
@@ -115,28 +125,28 @@ async def test_tokens_per_minute_exhaust_then_reset_at_the_minute(env: Any) -> N
 async def test_refused_request_consumes_nothing_in_any_counter(env: Any) -> None:
     e: Env = await env({"search": Limits(rpm=10, tokens_per_day=50)})
     k = key()
-    await e.quotas.admit(k, 50, 50)
+    await admit(e.quotas, k, 50, 50)
     with pytest.raises(QuotaExceeded) as err:
-        await e.quotas.admit(k, 1, 1)
+        await admit(e.quotas, k, 1, 1)
     assert err.value.status == 429 and err.value.code == "insufficient_quota"
-    ok = await e.quotas.admit(k, 0, 0)  # a full cache hit still fits: the refused one took no request slot
+    ok = await admit(e.quotas, k, 0, 0)  # a full cache hit still fits: the refused one took no request slot
     assert ok.headers["x-ratelimit-remaining-requests"] == "8"
 
 
 async def test_day_and_month_budgets_roll_over_at_utc_midnight_and_month_start(env: Any) -> None:
     e: Env = await env({"search": Limits(tokens_per_day=10, tokens_per_month=15)})
     k = key()
-    await e.quotas.admit(k, 10, 10)
+    await admit(e.quotas, k, 10, 10)
     with pytest.raises(QuotaExceeded) as err:
-        await e.quotas.admit(k, 1, 1)
+        await admit(e.quotas, k, 1, 1)
     assert err.value.retry_after == 30  # midnight
     e.clock.now = T0 + 30  # 2027-01-01: new day and new month
-    a = await e.quotas.admit(k, 10, 10)
+    a = await admit(e.quotas, k, 10, 10)
     assert a.headers["x-ratelimit-remaining-tokens"] == "0"  # the day's 10 are the tightest
     e.clock.now = T0 + 30 + 86400  # 2027-01-02: new day, same month
-    await e.quotas.admit(k, 5, 5)
+    await admit(e.quotas, k, 5, 5)
     with pytest.raises(QuotaExceeded) as month:
-        await e.quotas.admit(k, 1, 1)
+        await admit(e.quotas, k, 1, 1)
     assert "tokens per month" in month.value.message
     assert month.value.retry_after == calendar.timegm((2027, 2, 1, 0, 0, 0)) - e.clock.now
 
@@ -145,27 +155,27 @@ async def test_key_and_team_limits_both_apply_and_teams_are_separate(env: Any) -
     e: Env = await env({"search": Limits(rpm=3), "ads": Limits(rpm=1)})
     narrow = key(kid="key_narrow", rpm=1)
     wide = key(kid="key_wide")
-    await e.quotas.admit(narrow, 0, 0)
+    await admit(e.quotas, narrow, 0, 0)
     with pytest.raises(RateLimited) as err:
-        await e.quotas.admit(narrow, 0, 0)
+        await admit(e.quotas, narrow, 0, 0)
     assert "key key_narrow" in err.value.message
     assert e.metrics.quota_rejections.labels("search", "key", "rpm")._value.get() == 1
-    await e.quotas.admit(wide, 0, 0)
-    await e.quotas.admit(wide, 0, 0)  # team: 3 of 3 used (narrow 1 + wide 2)
+    await admit(e.quotas, wide, 0, 0)
+    await admit(e.quotas, wide, 0, 0)  # team: 3 of 3 used (narrow 1 + wide 2)
     with pytest.raises(RateLimited) as team_err:
-        await e.quotas.admit(wide, 0, 0)
+        await admit(e.quotas, wide, 0, 0)
     assert "team 'search'" in team_err.value.message
-    await e.quotas.admit(key("ads", "key_ads"), 0, 0)  # another team's allowance is untouched
+    await admit(e.quotas, key("ads", "key_ads"), 0, 0)  # another team's allowance is untouched
 
 
 async def test_refund_and_correction_from_upstream_usage(env: Any, redis_server: Any) -> None:
     e: Env = await env({"search": Limits(tpm=100)})
     k = key()
-    a = await e.quotas.admit(k, 70, 70)
+    a = await admit(e.quotas, k, 70, 70)
     await a.refund()  # the request failed: its tokens come back
-    b = await e.quotas.admit(k, 100, 100)
+    b = await admit(e.quotas, k, 100, 100)
     await b.settle(90)  # the upstream counted 90, not 100
-    c = await e.quotas.admit(k, 10, 10)
+    c = await admit(e.quotas, k, 10, 10)
     assert c.headers["x-ratelimit-remaining-tokens"] == "0"
     # a late refund into a window that has expired never creates a counter without an expiry
     raw = redis_server.client()
@@ -174,16 +184,16 @@ async def test_refund_and_correction_from_upstream_usage(env: Any, redis_server:
     await c.refund()
     assert not any(raw.exists(counter.key) for counter in c.counters)
     e.clock.now = T0 + 30
-    ttl_key = (await e.quotas.admit(k, 5, 5)).counters[0].key
+    ttl_key = (await admit(e.quotas, k, 5, 5)).counters[0].key
     assert raw.expiretime(ttl_key) == T0 + 30 + 60 + 60  # the window's end (pinned clock) plus a minute
 
 
 async def test_count_all_tokens_switch(env: Any) -> None:
     e: Env = await env({"search": Limits(tpm=100)}, count="all")
-    a = await e.quotas.admit(key(), 0, 80)  # a full cache hit of 80 tokens: counted under "all"
+    a = await admit(e.quotas, key(), 0, 80)  # a full cache hit of 80 tokens: counted under "all"
     assert a.headers["x-ratelimit-remaining-tokens"] == "20"
     billable: Env = await env({"search": Limits(tpm=100)})
-    b = await billable.quotas.admit(key(kid="key_2", team="other"), 0, 80)
+    b = await admit(billable.quotas, key(kid="key_2", team="other"), 0, 80)
     assert b.headers == {}  # team "other" has no limits: nothing counted, no headers
 
 
@@ -206,9 +216,9 @@ async def test_redis_down_fail_open_keeps_limits_per_process_fail_closed_refuses
     await opened.teams.limits("search")  # read once while Redis is up
     own_redis.stop()
     k = key()
-    await opened.quotas.admit(k, 0, 0)
-    await opened.quotas.admit(k, 0, 0)
+    await admit(opened.quotas, k, 0, 0)
+    await admit(opened.quotas, k, 0, 0)
     with pytest.raises(RateLimited):
-        await opened.quotas.admit(k, 0, 0)  # still enforced, in this process
+        await admit(opened.quotas, k, 0, 0)  # still enforced, in this process
     with pytest.raises(ServiceUnavailable):
-        await closed.quotas.admit(k, 0, 0)
+        await admit(closed.quotas, k, 0, 0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.app import KEYSTORE, LEDGER
+from proxy.app import KEYSTORE, LEDGER, STORE
 from proxy.keys import hash_key
 from proxy.limits import Limits
 from proxy.usage import day_of
@@ -288,3 +288,37 @@ async def test_key_changes_reach_other_instances_at_once(make_proxy: Any, upstre
             break
         await asyncio.sleep(0.01)
     assert statuses[-1] == 401 and len(statuses) <= 20, statuses  # well under the minute B would otherwise trust it
+
+
+async def test_a_cache_hit_with_quotas_costs_one_redis_round_trip(
+    make_proxy: Any, upstream: Upstream, redis_url: str, redis_server: Any
+) -> None:
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, redis_url,
+                                              "[teams.search]\nrpm = 100\ntpm = 1000\n"
+                                              "[quotas]\nteam_cache_s = 60.0\n[keys]\ncache_s = 60.0\n"))
+    store = p.app[STORE]
+    key = await p.new_key("search", limits=Limits(rpm=50))
+    body = {"model": MODEL, "input": "one two three"}
+    assert (await p.embed(key, body)).status == 200  # verifies the key, reads the team, fills the cache
+    await settle(p)
+    calls: list[str] = []
+    real_call = store.call
+
+    async def counting(op: str, fn: Any) -> Any:
+        calls.append(op)
+        return await real_call(op, fn)
+
+    store.call = counting  # type: ignore[method-assign]
+    hit = await p.embed(key, body)
+    assert hit.status == 200 and hit.headers["x-cache"] == "hit"
+    assert calls == ["mget"]  # cache read and request quota in one pipeline; key and team from memory
+    assert hit.headers["x-ratelimit-remaining-requests"] == "48"  # the key's 50, twice used
+
+    calls.clear()
+    miss = await p.embed(key, {"model": MODEL, "input": "four five"})
+    assert miss.headers["x-cache"] == "miss" and calls[:2] == ["mget", "quota"]  # + the tokens, once known
+    assert miss.headers["x-ratelimit-remaining-tokens"] == str(1000 - 3 - 2)
+
+    redis_server.client().script_flush()  # e.g. Redis restarted: the pipelined EVALSHA answers NOSCRIPT
+    again = await p.embed(key, body)
+    assert again.status == 200 and again.headers["x-ratelimit-remaining-requests"] == "46"
