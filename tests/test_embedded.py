@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import subprocess
 import sys
-import time
 from typing import Any
 
 import aiohttp
@@ -42,17 +41,19 @@ async def test_embedded_store_serves_caches_and_enforces_quotas(
 async def test_serve_demo_prints_a_working_key_offline() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROXY_CONFIG", "UPSTREAM_BASE_URL")}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         assert proc.stdout is not None
         key = None
-        deadline = time.monotonic() + 30
-        while key is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
+        while key is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "serve --demo exited before printing a key"
             if line.startswith("gateway key for team 'demo'"):
                 key = line.rsplit(" ", 1)[1].strip()
-        assert key is not None and key.startswith("sk-gateway-")
+        assert key.startswith("sk-gateway-")
         async with aiohttp.ClientSession() as s, s.post(
             f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MODEL, "input": "hello world"},
             headers={"Authorization": f"Bearer {key}"},
@@ -62,4 +63,4 @@ async def test_serve_demo_prints_a_working_key_offline() -> None:
             assert len(body["data"][0]["embedding"]) == 1536 and body["usage"]["prompt_tokens"] == 2
     finally:
         proc.terminate()
-        assert proc.wait(10) == 0  # a clean shutdown on SIGTERM
+        assert await asyncio.wait_for(proc.wait(), 10) == 0  # a clean shutdown on SIGTERM
