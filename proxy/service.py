@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +41,7 @@ class Outcome:
     cache_hits: int  # unique inputs found in the cache
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
+    upstream_s: float = 0.0  # time this request waited for upstream answers (its own calls or shared ones)
 
     @property
     def cached_tokens(self) -> int:
@@ -138,8 +140,11 @@ class EmbeddingService:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        upstream_s = 0.0
         if futures:
+            started = time.perf_counter()
             results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
+            upstream_s = time.perf_counter() - started
             for i, entry in zip(misses, results, strict=True):
                 found[i] = entry
         entries: list[Entry] = found  # type: ignore[assignment]
@@ -147,7 +152,7 @@ class EmbeddingService:
         billed = sum(entries[i].tokens for i in owned_idx)
         prompt = sum(entries[p].tokens for p in positions)
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, upstream_s)
 
     async def _count(self, spec: ModelSettings, kind: str, items: list[str | list[int]]) -> list[int]:
         tokenizer = self._tokenizers[spec.tokenizer]
@@ -183,12 +188,13 @@ class EmbeddingService:
         self, req: EmbeddingRequest, keys: list[str], items: list[str | list[int]], counts: list[int],
         cacheable: bool,
     ) -> None:
-        labels = self._metrics.upstream_requests
+        m = self._metrics
+        m.upstream_batch_size.labels(req.model).observe(len(items))
         try:
-            with self._metrics.upstream_latency.labels(req.model).time():
+            with m.upstream_latency.labels(req.model).time():
                 result = await self._upstream.embed(req.model, items, counts, req.dimensions, req.user)  # type: ignore[arg-type]
         except ProxyError as exc:
-            labels.labels(req.model, exc.code or "error").inc()
+            m.observe_upstream_error(req.model, exc.code, exc.status)
             self._inflight.fail(keys, exc)
             return
         except asyncio.CancelledError:
@@ -196,9 +202,10 @@ class EmbeddingService:
             raise
         except Exception as exc:  # a bug must not leave other requests waiting forever
             log.exception("upstream call failed unexpectedly")
+            m.observe_upstream_error(req.model, None, 0)
             self._inflight.fail(keys, UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__})."))
             return
-        labels.labels(req.model, "ok").inc()
+        m.upstream_requests.labels(req.model, "ok").inc()
         entries = [Entry(vec.tobytes(), tok) for vec, tok in zip(result.vectors, result.tokens, strict=True)]
         for key, entry in zip(keys, entries, strict=True):
             self._inflight.resolve(key, entry)
@@ -206,7 +213,7 @@ class EmbeddingService:
             if cacheable:
                 await self._cache.set_many(list(zip(keys, entries, strict=True)))
         except StoreUnavailable:
-            self._metrics.cache_write_errors.inc()
+            m.cache_write_errors.inc()
         finally:
             self._inflight.release(keys)
 
