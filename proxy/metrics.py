@@ -77,6 +77,10 @@ class Metrics:
             f"{_PREFIX}_cache_saved_usd", "What the saved tokens would have cost upstream, in US dollars.",
             ["team", "model"], registry=r,
         )
+        self.upstream_cost_usd = Counter(
+            f"{_PREFIX}_upstream_cost_usd", "What the tokens sent upstream cost, in US dollars (model price table).",
+            ["team", "model"], registry=r,
+        )
         self.cache_lookups = Counter(
             f"{_PREFIX}_cache_lookups", "Cache lookups of unique inputs by result (hit, miss, error).",
             ["result"], registry=r,
@@ -154,6 +158,7 @@ class Metrics:
         self.tokens.labels(team, key_id, model, "upstream").inc(billed_tokens)
         self.saved_tokens.labels(team, model).inc(cached_tokens)
         self.saved_usd.labels(team, model).inc(cached_tokens * price_per_million_tokens / 1e6)
+        self.upstream_cost_usd.labels(team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
 
     def observe_upstream_error(self, model: str, code: str | None, status: int) -> None:
         self.upstream_requests.labels(model, "error").inc()
