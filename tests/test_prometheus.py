@@ -144,6 +144,11 @@ def test_promtool_accepts_config_rules_and_metrics(stack: Stack) -> None:
     _promtool("check", "metrics", stdin=text)
 
 
+def test_alerts_fire_on_synthetic_series() -> None:
+    # quota surge included: this one does not need the quota code, only the metric's name and labels
+    _promtool("test", "rules", str(ALERTS.with_name("alerts_test.yml")))
+
+
 def test_metrics_are_on_their_own_port(stack: Stack) -> None:
     assert http("GET", stack.api_url + "/metrics")[0] == 404
     _, body = http("GET", stack.prometheus + "/api/v1/targets")
