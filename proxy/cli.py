@@ -67,6 +67,7 @@ async def _serve(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     runners.insert(0, runner)
+    metrics_runner: web.AppRunner | None = None
     if metrics_port is not None:  # /metrics on its own port (not exposed with the API)
         metrics_app = web.Application()
         metrics_app[METRICS] = app[METRICS]
@@ -76,8 +77,8 @@ async def _serve(
         runners.append(metrics_runner)
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
-        if metrics_port is not None:
-            await web.TCPSite(runners[-1], host, metrics_port, reuse_port=reuse_port or None).start()
+        if metrics_runner is not None:
+            await web.TCPSite(metrics_runner, host, metrics_port, reuse_port=reuse_port or None).start()
         if on_ready is not None:
             on_ready()
         else:
