@@ -25,6 +25,17 @@ from proxy.store import Store, connect
 from tests.conftest import UPSTREAM_KEY, free_port
 
 MODEL = "text-embedding-3-small"
+# Quick retries (one, then the error), and a team whose third request in a minute is over its quota.
+CONFIG = """
+[upstreams.default]
+backoff_base_s = 0.01
+deadline_s = 5.0
+attempt_timeout_s = 2.0
+max_retries = 1
+
+[teams.quota-team]
+rpm = 2
+"""
 
 
 def http(method: str, url: str, body: Any = None, headers: Mapping[str, str] | None = None,

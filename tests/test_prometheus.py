@@ -18,20 +18,10 @@ import pytest
 
 from tests.conftest import RedisServer, free_port
 from tests.promql import ALERTS, SCRAPE_CONFIG, alert_rules, panel_queries, substitute
-from tests.stack import Server, base_env, create_keys, embed, http, start_mock, start_proxy, wait_http
+from tests.stack import CONFIG, Server, base_env, create_keys, embed, http, start_mock, start_proxy, wait_http
 
 pytestmark = pytest.mark.redis
 
-CONFIG = """
-[upstreams.default]
-backoff_base_s = 0.01
-deadline_s = 5.0
-attempt_timeout_s = 2.0
-max_retries = 1
-
-[teams.quota-team]
-rpm = 2
-"""
 REQUESTS = 10  # embeddings requests sent by `_drive`
 QUOTA = "embedding_proxy_quota_"
 

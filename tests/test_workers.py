@@ -16,20 +16,22 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RedisServer
-from tests.stack import MODEL, Samples, base_env, create_keys, delta, embed, http, scrape, start_mock, start_proxy
+from tests.stack import (
+    CONFIG,
+    MODEL,
+    Samples,
+    base_env,
+    create_keys,
+    delta,
+    embed,
+    http,
+    scrape,
+    start_mock,
+    start_proxy,
+)
 
 pytestmark = pytest.mark.redis
 
-CONFIG = """
-[upstreams.default]
-backoff_base_s = 0.01
-deadline_s = 5.0
-attempt_timeout_s = 2.0
-max_retries = 1
-
-[teams.quota-team]
-rpm = 2
-"""
 
 
 class Stack:
