@@ -106,15 +106,9 @@ def test_dashboards_are_generated_from_the_script() -> None:
         assert committed == module.render(doc), f"{name} is stale: run python deploy/grafana/build_dashboards.py"
 
 
-def test_grafana_provisioning_matches_the_dashboards() -> None:
+def test_provisioned_datasource_has_the_dashboards_uid() -> None:
     ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert [d["uid"] for d in ds["datasources"]] == [DATASOURCE_UID]
-    providers = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "embedding-proxy.yml")
-                               .read_text())["providers"]
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    mounts = compose["services"]["grafana"]["volumes"]
-    assert f"./grafana/dashboards:{providers[0]['options']['path']}:ro" in mounts
-    assert {"proxy", "redis", "prometheus", "grafana", "mock-upstream"} <= set(compose["services"])
 
 
 def test_alert_rules_cover_the_operator_concerns() -> None:
