@@ -27,7 +27,10 @@ from .config import Settings
 from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("proxy.workers")
+# A worker not listening this long after it was started fails the start-up (all are stopped, exit 1).
 _START_TIMEOUT_S = 60.0
+# After SIGTERM, workers have this long to finish in-flight requests; then they are killed. Keep it below the
+# orchestrator's grace period (compose stop_grace_period 35 s, Kubernetes terminationGracePeriodSeconds 40 s).
 _STOP_TIMEOUT_S = 30.0
 
 
