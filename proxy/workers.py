@@ -140,6 +140,7 @@ def _wait_ready(
             try:
                 conn.recv()
             except EOFError:
+                procs[i].join(1)
                 log.error("worker %d exited before it was listening (exit code %s)", i, procs[i].exitcode)
                 return False
     return True

@@ -173,6 +173,20 @@ def test_sigterm_stops_every_worker_and_removes_metric_files(redis_server: Redis
         mock.stop()
 
 
+def test_a_dead_worker_stops_the_set(redis_server: RedisServer, tmp_path: Path) -> None:
+    mock, mock_url = start_mock(tmp_path)
+    try:
+        proxy, _ = start_proxy(tmp_path, mock_url, redis_server.url, CONFIG, workers=2)
+        workers = [pid for pid in _children(proxy.proc.pid) if "spawn_main" in _cmdline(pid)]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert proxy.proc.wait(20) == 1  # the orchestrator restarts the whole set
+        assert not _alive(workers[1])
+        assert "exited with -9" in proxy.stderr()
+    finally:
+        mock.stop()
+
+
 def test_workers_need_redis(tmp_path: Path) -> None:
     env = base_env()
     done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0", "--workers", "2"], env=env,
@@ -183,6 +197,10 @@ def test_workers_need_redis(tmp_path: Path) -> None:
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def _alive(pid: int) -> bool:
