@@ -113,7 +113,12 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
                 break
             assert time.monotonic() < deadline, f"Prometheus did not see the traffic: {result}"
             time.sleep(0.2)
-        time.sleep(2.5)  # ...and a few more times, so rate() has two samples of every series
+        while True:  # ...and every series a few times, so rate() has two samples of each
+            series = s.query('{__name__=~"embedding_proxy_.+"}[1m]')["result"]
+            if min(len(x["values"]) for x in series) >= 3:
+                break
+            assert time.monotonic() < deadline, "Prometheus did not scrape often enough"
+            time.sleep(0.2)
         yield s
     finally:
         for server in reversed(servers):
