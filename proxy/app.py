@@ -1,7 +1,7 @@
 """The web application: `create_app(settings)` wires every part; importing this module does nothing.
 
-Middleware order is the pipeline: errors (and request id, metrics), then auth for /v1. Health, readiness and
-metrics sit outside auth.
+Middleware order is the pipeline: observe (in-flight, request metrics, access log: it sees the final answer),
+errors (and request id), then auth for /v1. Health, readiness and metrics sit outside auth.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from .accesslog import AccessRecord, error_code, log_access
 from .admin import add_routes as add_admin_routes
 from .admin import check_admin
 from .cache import EmbeddingCache
@@ -30,7 +31,7 @@ from .quota import Quotas
 from .rediskeys import RedisKeys
 from .request import parse_request
 from .response import render
-from .service import EmbeddingService
+from .service import EmbeddingService, Outcome
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
 from .tokens import Tokenizer
@@ -52,9 +53,11 @@ LEDGER = web.AppKey("ledger", UsageLedger)
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
+OUTCOME = web.RequestKey("outcome", Outcome)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_UNLOGGED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no access line
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -100,13 +103,37 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error in request %s", request[REQUEST_ID])
         resp = _error_response(ProxyError("The proxy had an internal error.", code="internal_error"))
     resp.headers["x-request-id"] = request[REQUEST_ID]
-    if request.path == "/v1/embeddings":
-        key: KeyRecord | None = request.get(KEY)
-        request.app[METRICS].requests.labels(
-            key.team if key else "", key.id if key else "", request.get(MODEL, ""),
-            f"{resp.status // 100}xx", resp.headers.get("x-cache", "none"),
-        ).inc()
     log.debug("%s %s %d %.1fms", request.method, request.path, resp.status, (time.perf_counter() - started) * 1e3)
+    return resp
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in _UNLOGGED:
+        return await handler(request)
+    m = request.app[METRICS]
+    is_embeddings = request.path == "/v1/embeddings"
+    started = time.perf_counter()
+    if is_embeddings:
+        m.in_flight.inc()
+    try:
+        resp = await handler(request)
+    finally:
+        if is_embeddings:
+            m.in_flight.dec()
+    elapsed = time.perf_counter() - started
+    key: KeyRecord | None = request.get(KEY)
+    team, key_id = (key.team, key.id) if key else ("", "")
+    model, cache = request.get(MODEL, ""), resp.headers.get("x-cache", "")
+    if is_embeddings:
+        m.observe_request(team, key_id, model, resp.status, cache or "none", elapsed)
+    route = request.match_info.route.resource
+    log_access(AccessRecord(
+        request_id=request.get(REQUEST_ID, ""), method=request.method,
+        path=route.canonical if route is not None else "<unmatched>", status=resp.status,
+        duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
+        error_code=error_code(resp.status, getattr(resp, "body", None)),
+    ), request.get(OUTCOME))
     return resp
 
 
@@ -127,12 +154,13 @@ async def embeddings(request: web.Request) -> web.Response:
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
     outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key))
+    request[OUTCOME] = outcome
     app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
-    m = app[METRICS]
-    m.inputs.labels(key.team, req.model, "cache").inc(len(outcome.positions) - outcome.upstream_inputs)
-    m.inputs.labels(key.team, req.model, "upstream").inc(outcome.upstream_inputs)
-    m.tokens.labels(key.team, req.model, "cache").inc(outcome.cached_tokens)
-    m.tokens.labels(key.team, req.model, "upstream").inc(outcome.billed_tokens)
+    app[METRICS].observe_embedding(
+        key.team, key.id, req.model, inputs=len(outcome.positions), upstream_inputs=outcome.upstream_inputs,
+        prompt_tokens=outcome.prompt_tokens, billed_tokens=outcome.billed_tokens,
+        price_per_million_tokens=settings.models[req.model].price_per_million_tokens,
+    )
     resp = web.Response(body=render(req, outcome), content_type="application/json")
     resp.headers["x-cache"] = outcome.cache
     if outcome.ticket is not None:
@@ -189,11 +217,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
-def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, metrics_registry: Metrics | None = None, metrics_route: bool = True
+) -> web.Application:
+    """The proxy; `metrics_route=False` leaves /metrics off this app (served on its own port instead)."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=settings.server.max_body_bytes
+        middlewares=[observe_middleware, error_middleware, auth_middleware],
+        client_max_size=settings.server.max_body_bytes,
     )
-    m = metrics_registry or Metrics()
+    m = metrics_registry or Metrics(models=settings.models)
     client, embedded = connect(settings.redis)
     store = Store(client, settings.redis, embedded=embedded, on_error=lambda op: m.redis_errors.labels(op).inc())
     rkeys = RedisKeys(settings.cache.key_prefix)
@@ -240,7 +272,8 @@ def create_app(settings: Settings, *, metrics_registry: Metrics | None = None) -
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if metrics_route:
+        app.router.add_get("/metrics", metrics)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
     return app

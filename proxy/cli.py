@@ -50,8 +50,11 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 # --- serve ---------------------------------------------------------------------------------------------------
 
 
-async def _serve(settings: Settings, host: str, port: int, demo: bool) -> int:
-    from .app import KEYSTORE, STORE, create_app
+async def _serve(
+    settings: Settings, host: str, port: int, demo: bool, *, metrics_port: int | None = None,
+    reuse_port: bool = False, on_ready: Callable[[], None] | None = None,
+) -> int:
+    from .app import KEYSTORE, METRICS, STORE, create_app, metrics
 
     runners: list[web.AppRunner] = []
     if demo:
@@ -64,13 +67,27 @@ async def _serve(settings: Settings, host: str, port: int, demo: bool) -> int:
         upstreams["default"] = dataclasses.replace(upstreams["default"], base_url=f"http://127.0.0.1:{mock_port}/v1")
         settings = dataclasses.replace(settings, upstreams=upstreams)
         print(f"mock upstream (deterministic fake vectors) on http://127.0.0.1:{mock_port}/v1", flush=True)
-    app = create_app(settings)
+    app = create_app(settings, metrics_route=metrics_port is None)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     runners.insert(0, runner)
+    metrics_runner: web.AppRunner | None = None
+    if metrics_port is not None:  # /metrics on its own port (not exposed with the API)
+        metrics_app = web.Application()
+        metrics_app[METRICS] = app[METRICS]
+        metrics_app.router.add_get("/metrics", metrics)
+        metrics_runner = web.AppRunner(metrics_app, access_log=None)
+        await metrics_runner.setup()
+        runners.append(metrics_runner)
     try:
-        await web.TCPSite(runner, host, port).start()
-        print(f"embedding-proxy {__version__} listening on http://{host}:{port}", flush=True)
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        if metrics_runner is not None:
+            await web.TCPSite(metrics_runner, host, metrics_port, reuse_port=reuse_port or None).start()
+        if on_ready is not None:
+            on_ready()
+        else:
+            print(f"embedding-proxy {__version__} listening on http://{host}:{port}"
+                  + (f"; metrics on :{metrics_port}" if metrics_port is not None else ""), flush=True)
         if app[STORE].embedded:
             key, record = await app[KEYSTORE].create("demo", name="bootstrap")
             print("embedded in-process store: one process, not durable; keys live only as long as this process")
@@ -92,10 +109,27 @@ async def _serve(settings: Settings, host: str, port: int, demo: bool) -> int:
     return 0
 
 
+def run_server(
+    settings: Settings, host: str, port: int, *, demo: bool = False, metrics_port: int | None = None,
+    reuse_port: bool = False, on_ready: Callable[[], None] | None = None,
+) -> int:
+    """One server process (the whole proxy with --workers 1, or one worker of several)."""
+    return _run(_serve(settings, host, port, demo, metrics_port=metrics_port, reuse_port=reuse_port,
+                       on_ready=on_ready))
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .workers import WorkerArgs, resolve_workers, supervise
+
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
-    return _run(_serve(settings, host, port, args.demo))
+    workers = resolve_workers(args.workers, settings, port, args.demo)
+    if isinstance(workers, str):
+        print(f"error: {workers}", file=sys.stderr)
+        return 2
+    if workers == 1:
+        return run_server(settings, host, port, demo=args.demo, metrics_port=args.metrics_port)
+    return supervise(WorkerArgs(args.config, args.log_level, host, port, args.metrics_port), workers)
 
 
 # --- keys ------------------------------------------------------------------------------------------------------
@@ -296,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--demo", action="store_true",
                    help="also start the bundled mock upstream and point the proxy at it (works offline)")
+    s.add_argument("--workers", type=int,
+                   help="worker processes sharing the port (default: one per core with REDIS_URL, else 1)")
+    s.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of the API port")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="issue, list, limit, revoke and rotate gateway keys (needs REDIS_URL)")
@@ -353,9 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging(level: str) -> None:
+    """Text logs on stderr; the access log (`proxy.access`) as bare JSON lines on stdout."""
+    from . import accesslog
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    accesslog.configure()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         settings = load(args.config)
     except ConfigError as exc:

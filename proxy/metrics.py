@@ -1,39 +1,97 @@
 """Prometheus metrics, all in one place. Labels are bounded: team, key id, model, fixed enums; never keys,
-inputs or user strings. Each app gets its own registry so several apps (tests) never share counters."""
+inputs or user strings.
+
+One process (`serve --workers 1`, tests): each app gets its own registry, so several apps never share counters.
+Several workers: `serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start; prometheus-client then keeps
+every value in a per-process file there, and `render()` sums the files of all workers, so any worker's /metrics
+answers for the whole machine. Gauges say how to combine workers (`multiprocess_mode`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+import platform
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from . import __version__
 
 _PREFIX = "embedding_proxy"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Fixed enums, exported at 0 from the start so rates, ratios and alerts have a series before the first event.
+CACHE_RESULTS = ("hit", "miss", "error")
+REDIS_OPS = ("mget", "set", "ping", "cache-secret", "key-create", "key-get", "key-list", "key-revoke")
+UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "invalid_request", "other")
+_KIND_BY_CODE = {
+    "upstream_timeout": "timeout",
+    "service_unavailable": "unavailable",
+    "rate_limit_exceeded": "rate_limited",
+    "upstream_error": "bad_gateway",
+    "invalid_request": "invalid_request",
+}
+
+
+def upstream_error_kind(code: str | None, status: int) -> str:
+    """The `kind` label of an upstream error, from the proxy error it became."""
+    if code is None and status == 400:
+        return "invalid_request"
+    return _KIND_BY_CODE.get(code or "", "other")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, models: Iterable[str] = ()) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         r = self.registry
         self.requests = Counter(
             f"{_PREFIX}_requests", "Embedding requests by outcome.",
             ["team", "key_id", "model", "status_class", "cache"], registry=r,
+        )
+        self.request_latency = Histogram(
+            f"{_PREFIX}_request_duration_seconds", "Time to answer an embeddings request, by cache outcome.",
+            ["model", "cache"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{_PREFIX}_requests_in_flight", "Embeddings requests being handled now.",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.batch_size = Histogram(
+            f"{_PREFIX}_batch_size", "Inputs per client request.", ["model"], buckets=_BATCH_BUCKETS, registry=r,
         )
         self.inputs = Counter(
             f"{_PREFIX}_inputs", "Input items served, by where their vector came from.",
             ["team", "model", "source"], registry=r,
         )
         self.tokens = Counter(
-            f"{_PREFIX}_tokens", "Prompt tokens served, by where their vector came from.",
-            ["team", "model", "source"], registry=r,
+            f"{_PREFIX}_tokens", "Prompt tokens served, by key and by where their vector came from.",
+            ["team", "key_id", "model", "source"], registry=r,
+        )
+        self.saved_tokens = Counter(
+            f"{_PREFIX}_cache_saved_tokens", "Tokens served without an upstream call (cache, repeats, coalescing).",
+            ["team", "model"], registry=r,
+        )
+        self.saved_usd = Counter(
+            f"{_PREFIX}_cache_saved_usd", "What the saved tokens would have cost upstream, in US dollars.",
+            ["team", "model"], registry=r,
+        )
+        self.upstream_cost_usd = Counter(
+            f"{_PREFIX}_upstream_cost_usd", "What the tokens sent upstream cost, in US dollars (model price table).",
+            ["team", "model"], registry=r,
         )
         self.cache_lookups = Counter(
             f"{_PREFIX}_cache_lookups", "Cache lookups of unique inputs by result (hit, miss, error).",
             ["result"], registry=r,
         )
         self.upstream_requests = Counter(
-            f"{_PREFIX}_upstream_requests", "Upstream embeddings calls by outcome.",
+            f"{_PREFIX}_upstream_requests", "Upstream embeddings calls (retries included) by outcome (ok, error).",
             ["model", "outcome"], registry=r,
+        )
+        self.upstream_errors = Counter(
+            f"{_PREFIX}_upstream_errors", "Upstream calls that failed after their retries, by kind.",
+            ["model", "kind"], registry=r,
         )
         self.upstream_retries = Counter(
             f"{_PREFIX}_upstream_retries", "Upstream attempts retried, by the failure that caused it.",
@@ -42,6 +100,10 @@ class Metrics:
         self.upstream_latency = Histogram(
             f"{_PREFIX}_upstream_latency_seconds", "Time for one upstream call, retries included.",
             ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_batch_size = Histogram(
+            f"{_PREFIX}_upstream_batch_size", "Inputs per upstream call.", ["model"], buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.redis_errors = Counter(
             f"{_PREFIX}_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r,
@@ -53,18 +115,58 @@ class Metrics:
             f"{_PREFIX}_quota_rejections", "Requests refused for quota, by team, scope (team or key) and limit.",
             ["team", "scope", "limit"], registry=r,
         )
-        # Last value seen by this process of each set limit and what is left of it in its current window;
+        # Last value seen (by any worker) of each set limit and what is left of it in its current window;
         # key_id is empty for a team's own limits.
         self.quota_limit = Gauge(
             f"{_PREFIX}_quota_limit", "A quota limit in force (requests or tokens per window).",
-            ["team", "key_id", "limit"], registry=r,
+            ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
         )
         self.quota_remaining = Gauge(
             f"{_PREFIX}_quota_remaining", "What is left of a quota limit in its current window.",
-            ["team", "key_id", "limit"], registry=r,
+            ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
         )
-        self.build_info = Gauge(f"{_PREFIX}_build_info", "Build information.", ["version"], registry=r)
-        self.build_info.labels(__version__).set(1)
+        self.build_info = Gauge(
+            f"{_PREFIX}_build_info", "Build information (always 1).", ["version", "python"], registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        for result in CACHE_RESULTS:
+            self.cache_lookups.labels(result)
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op)
+        for model in models:
+            self.upstream_requests.labels(model, "ok")
+            self.upstream_requests.labels(model, "error")
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(model, kind)
+
+    def observe_request(self, team: str, key_id: str, model: str, status: int, cache: str, seconds: float) -> None:
+        """One answered /v1/embeddings request (any status); team and key are empty before authentication."""
+        self.requests.labels(team, key_id, model, f"{status // 100}xx", cache).inc()
+        self.request_latency.labels(model, cache).observe(seconds)
+
+    def observe_embedding(
+        self, team: str, key_id: str, model: str, *, inputs: int, upstream_inputs: int, prompt_tokens: int,
+        billed_tokens: int, price_per_million_tokens: float,
+    ) -> None:
+        """What one successful request served, and what the cache saved it."""
+        cached_tokens = prompt_tokens - billed_tokens
+        self.batch_size.labels(model).observe(inputs)
+        self.inputs.labels(team, model, "cache").inc(inputs - upstream_inputs)
+        self.inputs.labels(team, model, "upstream").inc(upstream_inputs)
+        self.tokens.labels(team, key_id, model, "cache").inc(cached_tokens)
+        self.tokens.labels(team, key_id, model, "upstream").inc(billed_tokens)
+        self.saved_tokens.labels(team, model).inc(cached_tokens)
+        self.saved_usd.labels(team, model).inc(cached_tokens * price_per_million_tokens / 1e6)
+        self.upstream_cost_usd.labels(team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
+
+    def observe_upstream_error(self, model: str, code: str | None, status: int) -> None:
+        self.upstream_requests.labels(model, "error").inc()
+        self.upstream_errors.labels(model, upstream_error_kind(code, status)).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

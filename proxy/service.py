@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,6 +43,7 @@ class Outcome:
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
     ticket: Ticket | None = None  # the quota reservation, when the key or its team has limits
+    upstream_s: float = 0.0  # time this request waited for upstream answers (its own calls or shared ones)
 
     @property
     def cached_tokens(self) -> int:
@@ -155,13 +157,16 @@ class EmbeddingService:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        upstream_s = 0.0
         if futures:
+            started = time.perf_counter()
             try:
                 results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
             except Exception:
                 if ticket is not None:
                     await ticket.refund()
                 raise
+            upstream_s = time.perf_counter() - started
             for i, entry in zip(misses, results, strict=True):
                 found[i] = entry
         entries: list[Entry] = found  # type: ignore[assignment]
@@ -171,7 +176,8 @@ class EmbeddingService:
         if ticket is not None:
             await ticket.settle(prompt if ticket.counts_all else billed)
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket,
+                       upstream_s)
 
     async def _count(self, spec: ModelSettings, kind: str, items: list[str | list[int]]) -> list[int]:
         tokenizer = self._tokenizers[spec.tokenizer]
@@ -207,12 +213,13 @@ class EmbeddingService:
         self, req: EmbeddingRequest, keys: list[str], items: list[str | list[int]], counts: list[int],
         cacheable: bool,
     ) -> None:
-        labels = self._metrics.upstream_requests
+        m = self._metrics
+        m.upstream_batch_size.labels(req.model).observe(len(items))
         try:
-            with self._metrics.upstream_latency.labels(req.model).time():
+            with m.upstream_latency.labels(req.model).time():
                 result = await self._upstream.embed(req.model, items, counts, req.dimensions, req.user)  # type: ignore[arg-type]
         except ProxyError as exc:
-            labels.labels(req.model, exc.code or "error").inc()
+            m.observe_upstream_error(req.model, exc.code, exc.status)
             self._inflight.fail(keys, exc)
             return
         except asyncio.CancelledError:
@@ -220,9 +227,10 @@ class EmbeddingService:
             raise
         except Exception as exc:  # a bug must not leave other requests waiting forever
             log.exception("upstream call failed unexpectedly")
+            m.observe_upstream_error(req.model, None, 0)
             self._inflight.fail(keys, UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__})."))
             return
-        labels.labels(req.model, "ok").inc()
+        m.upstream_requests.labels(req.model, "ok").inc()
         entries = [Entry(vec.tobytes(), tok) for vec, tok in zip(result.vectors, result.tokens, strict=True)]
         for key, entry in zip(keys, entries, strict=True):
             self._inflight.resolve(key, entry)
@@ -230,7 +238,7 @@ class EmbeddingService:
             if cacheable:
                 await self._cache.set_many(list(zip(keys, entries, strict=True)))
         except StoreUnavailable:
-            self._metrics.cache_write_errors.inc()
+            m.cache_write_errors.inc()
         finally:
             self._inflight.release(keys)
 

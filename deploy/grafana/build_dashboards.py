@@ -1,0 +1,190 @@
+"""Writes the Grafana dashboards in deploy/grafana/dashboards/ from the compact description below.
+
+Edit this file, then run `python deploy/grafana/build_dashboards.py`; tests/test_dashboards.py checks that the
+committed JSON is what this script writes, that Grafana can load it, and that every query uses exported metrics.
+Queries filter by the `team` variable with `=~"$team"` (multi-value, "All" is `.*`) and every panel reads from the
+datasource chosen in the `datasource` variable (provisioned with the fixed uid `prometheus`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "dashboards"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+T = 'team=~"$team"'
+RI = "$__rate_interval"
+
+
+def _q(expr: str, legend: str = "") -> dict[str, str]:
+    return {"expr": expr, "legend": legend}
+
+
+def _quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[dict[str, str]]:
+    group = f"{by}, le" if by else "le"
+    prefix = "{{" + by + "}} " if by else ""
+    return [_q(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RI}])))", f"{prefix}p{int(q * 100)}")
+            for q in qs]
+
+
+OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
+    # (panel type, title, unit, queries)
+    ("stat", "Requests per second", "reqps", [_q(f"sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))")]),
+    ("stat", "Server error ratio (5xx)", "percentunit", [_q(
+        f'sum(rate(embedding_proxy_requests_total{{{T},status_class="5xx"}}[{RI}])) '
+        f"/ sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))")]),
+    ("stat", "Cache hit ratio (unique inputs)", "percentunit", [_q(
+        f'sum(rate(embedding_proxy_cache_lookups_total{{result="hit"}}[{RI}])) '
+        f"/ sum(rate(embedding_proxy_cache_lookups_total[{RI}]))")]),
+    ("stat", "Proxy processes up", "short", [_q('sum(up{job="embedding-proxy"})')]),
+    ("timeseries", "Requests by status class", "reqps", [_q(
+        f"sum by (status_class) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{status_class}}")]),
+    ("timeseries", "Requests by cache outcome", "reqps", [_q(
+        f"sum by (cache) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{cache}}")]),
+    ("timeseries", "Request latency", "s", _quantiles("embedding_proxy_request_duration_seconds")),
+    ("timeseries", "Request latency p95 by cache outcome", "s",
+     _quantiles("embedding_proxy_request_duration_seconds", "cache", (0.95,))),
+    ("timeseries", "Error ratio by status class", "percentunit", [_q(
+        f'sum by (status_class) (rate(embedding_proxy_requests_total{{{T},status_class=~"4xx|5xx"}}[{RI}])) '
+        f"/ ignoring(status_class) group_left sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))",
+        "{{status_class}}")]),
+    ("timeseries", "In-flight requests", "short", [_q("sum(embedding_proxy_requests_in_flight)", "in flight")]),
+    ("timeseries", "Upstream calls by outcome", "reqps", [_q(
+        f"sum by (model, outcome) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}} {{outcome}}")]),
+    ("timeseries", "Upstream error ratio", "percentunit", [_q(
+        f'sum by (model) (rate(embedding_proxy_upstream_requests_total{{outcome="error"}}[{RI}])) '
+        f"/ sum by (model) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}}")]),
+    ("timeseries", "Upstream errors by kind", "reqps", [_q(
+        f"sum by (kind) (rate(embedding_proxy_upstream_errors_total[{RI}]))", "{{kind}}")]),
+    ("timeseries", "Upstream retries by reason", "reqps", [_q(
+        f"sum by (reason) (rate(embedding_proxy_upstream_retries_total[{RI}]))", "{{reason}}")]),
+    ("timeseries", "Upstream latency (retries included)", "s",
+     _quantiles("embedding_proxy_upstream_latency_seconds", "model", (0.5, 0.99))),
+    ("timeseries", "Cache lookups by result", "ops", [_q(
+        f"sum by (result) (rate(embedding_proxy_cache_lookups_total[{RI}]))", "{{result}}")]),
+    ("timeseries", "Redis errors by operation", "ops", [
+        _q(f"sum by (op) (rate(embedding_proxy_redis_errors_total[{RI}]))", "{{op}}"),
+        _q(f"sum(rate(embedding_proxy_cache_write_errors_total[{RI}]))", "cache writes lost"),
+    ]),
+    ("timeseries", "Inputs by source", "ops", [_q(
+        f"sum by (source) (rate(embedding_proxy_inputs_total{{{T}}}[{RI}]))", "{{source}}")]),
+    ("timeseries", "Batch size (inputs per request and per upstream call)", "short", [
+        *_quantiles("embedding_proxy_batch_size", qs=(0.5, 0.95)),
+        *[{**q, "legend": "upstream " + q["legend"]}
+          for q in _quantiles("embedding_proxy_upstream_batch_size", qs=(0.5, 0.95))],
+    ]),
+    ("table", "Versions running", "short", [_q("count by (version) (embedding_proxy_build_info)", "{{version}}")]),
+]
+
+USAGE: list[tuple[str, str, str, list[dict[str, str]]]] = [
+    ("stat", "Upstream cost in range (USD)", "currencyUSD", [_q(
+        f"sum(increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))")]),
+    ("stat", "Saved by the cache in range (USD)", "currencyUSD", [_q(
+        f"sum(increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))")]),
+    ("stat", "Tokens saved by the cache in range", "short", [_q(
+        f"sum(increase(embedding_proxy_cache_saved_tokens_total{{{T}}}[$__range]))")]),
+    ("stat", "Quota rejections in range", "short", [_q(
+        f"sum(increase(embedding_proxy_quota_rejections_total{{{T}}}[$__range]))")]),
+    ("timeseries", "Tokens per second by team and source", "short", [_q(
+        f"sum by (team, source) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}} {{source}}")]),
+    ("timeseries", "Requests per second by team", "reqps", [_q(
+        f"sum by (team) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{team}}")]),
+    ("table", "Tokens per team and key in range", "short", [_q(
+        f"sum by (team, key_id, source) (increase(embedding_proxy_tokens_total{{{T}}}[$__range]))",
+        "{{team}} {{key_id}} {{source}}")]),
+    ("table", "Requests per team and key in range", "short", [_q(
+        f"sum by (team, key_id, status_class) (increase(embedding_proxy_requests_total{{{T}}}[$__range]))",
+        "{{team}} {{key_id}} {{status_class}}")]),
+    ("bargauge", "Upstream cost per team in range (USD)", "currencyUSD", [_q(
+        f"sum by (team) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{team}}")]),
+    ("bargauge", "Cache savings per team in range (USD)", "currencyUSD", [_q(
+        f"sum by (team) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{team}}")]),
+    ("timeseries", "Cache share of tokens by team", "percentunit", [_q(
+        f'sum by (team) (rate(embedding_proxy_tokens_total{{{T},source="cache"}}[{RI}])) '
+        f"/ sum by (team) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
+    ("timeseries", "Tokens saved by the cache per team", "short", [_q(
+        f"sum by (team) (rate(embedding_proxy_cache_saved_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
+    ("bargauge", "Quota headroom (remaining / limit)", "percentunit", [_q(
+        f"max by (team, key_id, limit) (embedding_proxy_quota_remaining{{{T}}}) "
+        f"/ max by (team, key_id, limit) (embedding_proxy_quota_limit{{{T}}})",
+        "{{team}} {{key_id}} {{limit}}")]),
+    ("table", "Quota limits in force", "short", [_q(
+        f"max by (team, key_id, limit) (embedding_proxy_quota_limit{{{T}}})", "{{team}} {{key_id}} {{limit}}")]),
+    ("timeseries", "Quota rejections by team and limit", "reqps", [_q(
+        f"sum by (team, scope, limit) (rate(embedding_proxy_quota_rejections_total{{{T}}}[{RI}]))",
+        "{{team}} {{scope}} {{limit}}")]),
+]
+
+
+def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, str]], x: int, y: int,
+           w: int, h: int) -> dict[str, Any]:
+    targets = []
+    for i, q in enumerate(queries):
+        target: dict[str, Any] = {"refId": chr(ord("A") + i), "datasource": DS, "expr": q["expr"],
+                                  "legendFormat": q["legend"] or "__auto", "range": kind == "timeseries",
+                                  "instant": kind != "timeseries"}
+        if kind == "table":
+            target["format"] = "table"
+        targets.append(target)
+    panel: dict[str, Any] = {
+        "id": pid, "type": kind, "title": title, "datasource": DS,
+        "gridPos": {"h": h, "w": w, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {}, "targets": targets,
+    }
+    if kind == "stat":
+        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+    if kind == "table":
+        panel["transformations"] = [{"id": "merge", "options": {}}]
+    return panel
+
+
+def _layout(spec: list[tuple[str, str, str, list[dict[str, str]]]]) -> list[dict[str, Any]]:
+    panels, x, y = [], 0, 0
+    for pid, (kind, title, unit, queries) in enumerate(spec, start=1):
+        w, h = (6, 4) if kind == "stat" else (12, 8)
+        if x + w > 24:
+            x, y = 0, y + (4 if panels and panels[-1]["type"] == "stat" else 8)
+        panels.append(_panel(pid, kind, title, unit, queries, x, y, w, h))
+        x += w
+    return panels
+
+
+def _templating() -> dict[str, Any]:
+    return {"list": [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+         "current": {"text": "Prometheus", "value": "prometheus"}, "hide": 0, "refresh": 1},
+        {"name": "team", "label": "Team", "type": "query", "datasource": DS,
+         "query": {"query": "label_values(embedding_proxy_requests_total, team)", "refId": "team"},
+         "definition": "label_values(embedding_proxy_requests_total, team)",
+         "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+         "current": {"text": ["All"], "value": ["$__all"]}, "hide": 0},
+    ]}
+
+
+def dashboard(uid: str, title: str, spec: list[tuple[str, str, str, list[dict[str, str]]]]) -> dict[str, Any]:
+    return {
+        "uid": uid, "title": title, "tags": ["embedding-proxy"], "timezone": "utc", "editable": True,
+        "schemaVersion": 39, "version": 1, "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
+        "graphTooltip": 1, "templating": _templating(), "annotations": {"list": []}, "links": [],
+        "panels": _layout(spec),
+    }
+
+
+DASHBOARDS = {
+    "overview.json": dashboard("embedding-proxy-overview", "Embedding proxy: operator overview", OVERVIEW),
+    "usage.json": dashboard("embedding-proxy-usage", "Embedding proxy: usage and chargeback", USAGE),
+}
+
+
+def render(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    for name, doc in DASHBOARDS.items():
+        (OUT / name).write_text(render(doc))
+        print(f"wrote {OUT / name}", file=sys.stderr)

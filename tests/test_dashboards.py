@@ -1,0 +1,117 @@
+"""The Grafana dashboards and alert rules in deploy/: loadable by Grafana, and using only metrics the proxy exports."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.metrics import Metrics
+from tests.promql import (
+    DASHBOARDS,
+    DEPLOY,
+    alert_rules,
+    exported_names,
+    load_dashboard,
+    metric_names,
+    panel_queries,
+    substitute,
+)
+
+DATASOURCE_UID = "prometheus"  # provisioned in deploy/grafana/provisioning/datasources
+
+
+def _exported() -> set[str]:
+    families = [(f.name, f.type) for f in Metrics(models=["m"]).registry.collect()]
+    return exported_names(families) | {"up"}
+
+
+def test_there_are_two_dashboards() -> None:
+    assert {p.name for p in DASHBOARDS} == {"overview.json", "usage.json"}
+    assert len({load_dashboard(p)["uid"] for p in DASHBOARDS}) == 2
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_is_what_grafana_needs(path: Path) -> None:
+    doc = load_dashboard(path)
+    assert doc["uid"] and doc["title"] and isinstance(doc["schemaVersion"], int)
+    panels = doc["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
+
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    assert ds["current"]["value"] == DATASOURCE_UID
+    team = variables["team"]
+    assert team["type"] == "query" and team["includeAll"] and team["multi"] and team["allValue"] == ".*"
+    assert team["datasource"]["uid"] == "${datasource}"
+    assert "embedding_proxy_requests_total" in team["query"]["query"]
+
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        grid = panel["gridPos"]
+        assert set(grid) == {"h", "w", "x", "y"} and grid["x"] + grid["w"] <= 24
+        assert panel["targets"], panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids))
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            substitute(target["expr"])  # only variables Grafana defines
+    # every panel that can be filtered by team is
+    team_metrics = ("embedding_proxy_tokens_total", "embedding_proxy_requests_total", "embedding_proxy_quota_")
+    for panel in panels:
+        for target in panel["targets"]:
+            if any(m in target["expr"] for m in team_metrics):
+                assert 'team=~"$team"' in target["expr"], (path.name, panel["title"])
+
+
+def test_overlapping_panels_are_absent() -> None:
+    for path in DASHBOARDS:
+        cells: set[tuple[int, int]] = set()
+        for panel in load_dashboard(path)["panels"]:
+            g = panel["gridPos"]
+            mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+            assert not cells & mine, (path.name, panel["title"])
+            cells |= mine
+
+
+def test_every_query_uses_exported_metrics() -> None:
+    exported = _exported()
+    queries: list[tuple[str, str]] = [(f"{d}: {t}", e) for d, t, e in panel_queries()]
+    queries += [(f"alert {name}", expr) for name, expr in alert_rules()]
+    assert len(queries) > 30
+    for where, expr in queries:
+        names = metric_names(substitute(expr))
+        assert names, where
+        assert names <= exported, f"{where}: unknown metrics {sorted(names - exported)}"
+
+
+def test_metric_name_extraction() -> None:
+    expr = ('sum by (team, le) (rate(embedding_proxy_x_bucket{team=~"a|b", le!="sum"}[5m])) '
+            '/ ignoring(status_class) group_left max(up{job="embedding-proxy"} offset 1h) and on() vector(1)')
+    assert metric_names(expr) == {"embedding_proxy_x_bucket", "up"}
+
+
+def test_dashboards_are_generated_from_the_script() -> None:
+    spec = importlib.util.spec_from_file_location("build_dashboards", DEPLOY / "grafana" / "build_dashboards.py")
+    assert spec is not None and spec.loader is not None
+    module: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, doc in module.DASHBOARDS.items():
+        committed = (DEPLOY / "grafana" / "dashboards" / name).read_text()
+        assert committed == module.render(doc), f"{name} is stale: run python deploy/grafana/build_dashboards.py"
+
+
+def test_provisioned_datasource_has_the_dashboards_uid() -> None:
+    ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert [d["uid"] for d in ds["datasources"]] == [DATASOURCE_UID]
+
+
+def test_alert_rules_cover_the_operator_concerns() -> None:
+    names = {name for name, _ in alert_rules()}
+    assert {"EmbeddingProxyDown", "EmbeddingProxyUpstreamErrorRatio", "EmbeddingProxyUpstreamSlow",
+            "EmbeddingProxyCacheFailing", "EmbeddingProxyQuotaRejectionsSurging"} <= names
