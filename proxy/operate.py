@@ -1,0 +1,200 @@
+"""Operator commands against the Redis the proxies share: `keys ...`, `teams ...`, `usage`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import orjson
+
+from .config import Settings
+from .keys import KeyRecord, KeyStore
+from .limits import LIMIT_WINDOWS, Limits
+from .rediskeys import RedisKeys
+from .store import Store, StoreUnavailable, connect
+from .teams import TeamStore
+from .usage import UsageLedger, report_format
+
+_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `12h`, `30d`, `2w` -> seconds."""
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 15m, 12h, 30d)")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+async def _with_store(settings: Settings, fn: Callable[[Store, RedisKeys], Awaitable[int]]) -> int:
+    """Run an operator command against the Redis the proxies share."""
+    if not settings.redis.url:
+        print("error: this command needs REDIS_URL (the embedded store lives inside one serve process)",
+              file=sys.stderr)
+        return 2
+    redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=5.0)
+    client, _ = connect(redis_settings)
+    store = Store(client, redis_settings)
+    try:
+        return await fn(store, RedisKeys(settings.cache.key_prefix))
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+
+
+def _print_records(records: Sequence[KeyRecord], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps([r.public() for r in records]).decode())
+        return
+    print(f"{'ID':<22} {'TEAM':<16} {'STATUS':<8} {'EXPIRES':<20} {'LIMITS':<30} NAME")
+    now = time.time()
+    for r in records:
+        status = "revoked" if r.revoked else ("expired" if r.expires_at and r.expires_at <= now else "active")
+        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r.expires_at)) if r.expires_at else "-"
+        print(f"{r.id:<22} {r.team:<16} {status:<8} {expires:<20} {_limits_text(r.limits):<30} {r.name}")
+
+
+def _limits_text(limits: Limits) -> str:
+    return " ".join(f"{name}={value}" for name, value in limits.items()) or "unlimited"
+
+
+def _limit_flags(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: getattr(args, name) for name in LIMIT_WINDOWS if getattr(args, name) is not None}
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    async def create(ks: KeyStore) -> int:
+        expires_at = time.time() + args.expires_in if args.expires_in else None
+        models = tuple(m for m in (args.models or "").split(",") if m)
+        unknown = [m for m in models if m not in settings.models]
+        if unknown:
+            return _fail(f"unknown model {unknown[0]!r}")
+        try:
+            key, record = await ks.create(args.team, name=args.name, expires_at=expires_at, models=models,
+                                          limits=Limits().merged(_limit_flags(args)))
+        except ValueError as exc:
+            return _fail(str(exc))
+        if args.json:
+            print(orjson.dumps({"key": key, **record.public()}).decode())
+        else:
+            print(key)
+            print(f"id {record.id}, team {record.team}: store this key now, it cannot be shown again",
+                  file=sys.stderr)
+        return 0
+
+    async def list_(ks: KeyStore) -> int:
+        _print_records(await ks.list(args.team), args.json)
+        return 0
+
+    async def show(ks: KeyStore) -> int:
+        record = await ks.get(args.key_id)
+        if record is None:
+            return _fail(f"no key with id {args.key_id}", 1)
+        _print_records([record], args.json)
+        return 0
+
+    async def limits(ks: KeyStore) -> int:
+        record = await ks.set_limits(args.key_id, _limit_flags(args))
+        if record is None:
+            return _fail(f"no key with id {args.key_id}", 1)
+        print(f"{record.id} (team {record.team}): {_limits_text(record.limits)}")
+        return 0
+
+    async def revoke(ks: KeyStore) -> int:
+        record = await ks.revoke(args.key_id)
+        if record is None:
+            return _fail(f"no key with id {args.key_id}", 1)
+        print(f"revoked {record.id} (team {record.team})")
+        return 0
+
+    async def rotate(ks: KeyStore) -> int:
+        rotated = await ks.rotate(args.key_id, args.grace)
+        if rotated is None:
+            return _fail(f"no active key with id {args.key_id}", 1)
+        key, new, old = rotated
+        if args.json:
+            print(orjson.dumps({"key": key, **new.public(), "previous": old.public()}).decode())
+        else:
+            print(key)
+            until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(old.expires_at or 0))
+            print(f"new id {new.id}; the old key {old.id} keeps working until {until}", file=sys.stderr)
+        return 0
+
+    actions: dict[str, Callable[[KeyStore], Awaitable[int]]] = {
+        "create": create, "list": list_, "show": show, "limits": limits, "revoke": revoke, "rotate": rotate,
+    }
+    action = actions[args.keys_cmd]
+    return asyncio.run(_with_store(settings, lambda store, rkeys: action(KeyStore(store, rkeys))))
+
+
+def cmd_teams(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(store: Store, rkeys: RedisKeys) -> int:
+        teams = TeamStore(store, rkeys, settings.teams)
+        if args.teams_cmd == "set":
+            try:
+                limits = await teams.set(args.name, _limit_flags(args))
+            except ValueError as exc:
+                return _fail(str(exc))
+            print(f"{args.name}: {_limits_text(limits)}")
+            return 0
+        listed = await teams.all()
+        if args.json:
+            print(orjson.dumps([{"team": t, "limits": lim.to_dict(), "source": src}
+                                for t, (lim, src) in listed.items()]).decode())
+            return 0
+        print(f"{'TEAM':<20} {'SOURCE':<8} LIMITS")
+        for t, (lim, src) in listed.items():
+            print(f"{t:<20} {src:<8} {_limits_text(lim)}")
+        return 0
+
+    return asyncio.run(_with_store(settings, run))
+
+
+def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(store: Store, rkeys: RedisKeys) -> int:
+        ledger = UsageLedger(store, rkeys)
+        today = datetime.datetime.now(datetime.UTC).date()
+        prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
+        try:
+            rows = await ledger.report(args.team, args.since or today, args.until or today, args.by, prices)
+        except ValueError as exc:
+            return _fail(str(exc))
+        sys.stdout.write(report_format(args.by).render(rows, args.format))
+        return 0
+
+    return asyncio.run(_with_store(settings, run))
+
+
+def parse_day(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD)") from None
+
+
+def parse_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a non-negative whole number: {text!r}")
+    return int(text)
+
+
+def add_limit_flags(p: argparse.ArgumentParser, clearing: bool) -> None:
+    hint = " (0: unlimited)" if clearing else ""
+    p.add_argument("--rpm", type=parse_count, help="requests per minute" + hint)
+    p.add_argument("--tpm", type=parse_count, help="tokens per minute" + hint)
+    p.add_argument("--tokens-per-day", type=parse_count, help="tokens per UTC day" + hint)
+    p.add_argument("--tokens-per-month", type=parse_count, help="tokens per UTC month" + hint)
