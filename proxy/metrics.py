@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -45,6 +46,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, models: Iterable[str] = ()) -> None:
         self.registry = registry or CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # labels() validates and locks on every call (~2.5 us); the hot path asks for the same children each time
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             f"{_PREFIX}_requests", "Embedding requests by outcome.",
@@ -140,10 +143,18 @@ class Metrics:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(model, kind)
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (label values are bounded, so this stays small)."""
+        try:
+            return self._children[(metric, labels)]
+        except KeyError:
+            made = self._children[(metric, labels)] = metric.labels(*labels)
+            return made
+
     def observe_request(self, team: str, key_id: str, model: str, status: int, cache: str, seconds: float) -> None:
         """One answered /v1/embeddings request (any status); team and key are empty before authentication."""
-        self.requests.labels(team, key_id, model, f"{status // 100}xx", cache).inc()
-        self.request_latency.labels(model, cache).observe(seconds)
+        self.child(self.requests, team, key_id, model, f"{status // 100}xx", cache).inc()
+        self.child(self.request_latency, model, cache).observe(seconds)
 
     def observe_embedding(
         self, team: str, key_id: str, model: str, *, inputs: int, upstream_inputs: int, prompt_tokens: int,
@@ -151,14 +162,19 @@ class Metrics:
     ) -> None:
         """What one successful request served, and what the cache saved it."""
         cached_tokens = prompt_tokens - billed_tokens
-        self.batch_size.labels(model).observe(inputs)
-        self.inputs.labels(team, model, "cache").inc(inputs - upstream_inputs)
-        self.inputs.labels(team, model, "upstream").inc(upstream_inputs)
-        self.tokens.labels(team, key_id, model, "cache").inc(cached_tokens)
-        self.tokens.labels(team, key_id, model, "upstream").inc(billed_tokens)
-        self.saved_tokens.labels(team, model).inc(cached_tokens)
-        self.saved_usd.labels(team, model).inc(cached_tokens * price_per_million_tokens / 1e6)
-        self.upstream_cost_usd.labels(team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
+        child = self.child
+        child(self.batch_size, model).observe(inputs)
+        if inputs > upstream_inputs:
+            child(self.inputs, team, model, "cache").inc(inputs - upstream_inputs)
+        if upstream_inputs:
+            child(self.inputs, team, model, "upstream").inc(upstream_inputs)
+        if cached_tokens:
+            child(self.tokens, team, key_id, model, "cache").inc(cached_tokens)
+            child(self.saved_tokens, team, model).inc(cached_tokens)
+            child(self.saved_usd, team, model).inc(cached_tokens * price_per_million_tokens / 1e6)
+        if billed_tokens:
+            child(self.tokens, team, key_id, model, "upstream").inc(billed_tokens)
+            child(self.upstream_cost_usd, team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
 
     def observe_upstream_error(self, model: str, code: str | None, status: int) -> None:
         self.upstream_requests.labels(model, "error").inc()

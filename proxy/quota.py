@@ -247,7 +247,8 @@ class Quotas:
         raise err
 
     def observe(self, key: KeyRecord, counters: list[Counter], values: list[int]) -> None:
+        m = self._metrics
         for c, v in zip(counters, values, strict=True):
             key_id = "" if c.scope == "team" else key.id
-            self._metrics.quota_limit.labels(key.team, key_id, c.limit_name).set(c.limit)
-            self._metrics.quota_remaining.labels(key.team, key_id, c.limit_name).set(max(0, c.limit - v))
+            m.child(m.quota_limit, key.team, key_id, c.limit_name).set(c.limit)
+            m.child(m.quota_remaining, key.team, key_id, c.limit_name).set(max(0, c.limit - v))

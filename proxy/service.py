@@ -128,10 +128,10 @@ class EmbeddingService:
         misses = [i for i, e in enumerate(found) if e is None]
         hits = len(keys) - len(misses)
         if bypassed:
-            self._metrics.cache_lookups.labels("error").inc(len(lookup))
+            self._metrics.child(self._metrics.cache_lookups, "error").inc(len(lookup))
         else:
-            self._metrics.cache_lookups.labels("hit").inc(hits)
-            self._metrics.cache_lookups.labels("miss").inc(len(lookup) - hits)
+            self._metrics.child(self._metrics.cache_lookups, "hit").inc(hits)
+            self._metrics.child(self._metrics.cache_lookups, "miss").inc(len(lookup) - hits)
 
         if ticket is not None:
             await ticket.charge_request(quota_reply)
