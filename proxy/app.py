@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,7 +87,7 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id", "")
-    request[REQUEST_ID] = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    request[REQUEST_ID] = rid if rid and _REQUEST_ID.match(rid) else os.urandom(16).hex()
     started = time.perf_counter()
     try:
         resp = await handler(request)

@@ -236,6 +236,7 @@ class EmbeddingService:
             self._inflight.resolve(key, entry)
         try:
             if cacheable:
+                await asyncio.sleep(0)  # let the waiting requests answer before this task sends the write
                 await self._cache.set_many(list(zip(keys, entries, strict=True)))
         except StoreUnavailable:
             m.cache_write_errors.inc()
