@@ -139,6 +139,8 @@ async def run(args: argparse.Namespace) -> int:
                           "PyPI or npm",
     }
     results: dict[str, Any] = {}
+    rows: list[list[str]] = []
+    notes: list[str] = []
     failures: list[str] = []
     try:
         redis_proc, rclient = E.start_redis(e)
@@ -203,6 +205,7 @@ async def run(args: argparse.Namespace) -> int:
             print(f"[{name}] {time.monotonic() - started:.0f}s", flush=True)
         results = ctx.results
         rows = ctx.rows
+        notes = ctx.notes
         rclient.close()
     finally:
         e.stop_all()
@@ -214,11 +217,14 @@ async def run(args: argparse.Namespace) -> int:
     text = table(rows)
     out = args.output or RESULTS / f"{meta['started'].replace(':', '').replace('-', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps({"meta": meta, "table": rows, "results": results, "failures": failures},
+    out.write_bytes(orjson.dumps({"meta": meta, "table": rows, "notes": notes, "results": results,
+                                  "failures": failures},
                                  option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     print()
     print(f"embedding-proxy bench, commit {meta['commit']}, {meta['started']}; {'; '.join(meta['pinning'])}")
     print(text)
+    for n in notes:
+        print(f"note: {n}")
     for f in failures:
         print(f"FAILED {f}")
     print(f"\nresults: {out}")

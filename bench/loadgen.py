@@ -43,8 +43,8 @@ class _Conn(asyncio.Protocol):
     def __init__(self, on_done: Callable[[_Conn, int, bytes | None], None], keep_body: bool) -> None:
         self.transport: Any = None  # uvloop's TCPTransport does not subclass asyncio's transport classes
         self._buf = bytearray()
-        self._need = -1
-        self._body_at = 0
+        self._need = -1  # body bytes still expected; -1 while reading the head
+        self._body: bytearray | None = None
         self._status = 0
         self._on_done = on_done
         self.keep_body = keep_body
@@ -65,9 +65,10 @@ class _Conn(asyncio.Protocol):
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        while True:
+        # Large answers (a 2048-vector batch is 17 MB) are counted, not stored, unless the caller wants the body.
+        while data:
             if self._need < 0:
+                self._buf += data
                 end = self._buf.find(_HEADER_END)
                 if end < 0:
                     return
@@ -77,16 +78,20 @@ class _Conn(asyncio.Protocol):
                 if i < 0:
                     raise ConnectionClosed("response without Content-Length")
                 j = head.find(b"\r\n", i + 2)
-                self._body_at = end + 4
-                self._need = self._body_at + int(head[i + 17 : j if j >= 0 else len(head)])
-            if len(self._buf) < self._need:
+                self._need = int(head[i + 17 : j if j >= 0 else len(head)])
+                data = bytes(self._buf[end + 4 :])
+                self._buf.clear()
+                self._body = bytearray() if self.keep_body else None
+            take = min(self._need, len(data))
+            if self._body is not None:
+                self._body += data[:take]
+            self._need -= take
+            data = data[take:]
+            if self._need:
                 return
-            body = bytes(self._buf[self._body_at : self._need]) if self.keep_body else None
-            del self._buf[: self._need]
             self._need = -1
-            self._on_done(self, self._status, body)
-            if not self._buf:
-                return
+            body, self._body = self._body, None
+            self._on_done(self, self._status, None if body is None else bytes(body))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -159,7 +164,7 @@ class Target:
             c.close()
         self._conns = []
 
-    async def request(self, request: bytes, limit_s: float = 30.0) -> tuple[int, bytes]:
+    async def request(self, request: bytes, limit_s: float = 30.0, keep_body: bool = True) -> tuple[int, bytes]:
         """One request on one connection, waiting for the answer (closed loop)."""
         await self.open(1)
         conn = next(c for c in self._conns if not c.closed)
@@ -174,7 +179,7 @@ class Target:
                     fut.set_result((status, body or b""))
 
         self._handler = done
-        conn.keep_body = True
+        conn.keep_body = keep_body
         conn.send(request, 1)
         try:
             return await asyncio.wait_for(fut, limit_s)
@@ -184,7 +189,7 @@ class Target:
     async def timed(self, request: bytes, limit_s: float = 30.0) -> tuple[float, int]:
         """Seconds for one request (closed loop) and its status."""
         started = time.perf_counter()
-        status, _ = await self.request(request, limit_s)
+        status, _ = await self.request(request, limit_s, keep_body=False)
         return time.perf_counter() - started, status
 
     async def open_loop(
@@ -289,10 +294,19 @@ async def search_rate(
     steps: list[dict[str, Any]] = []
     best: RunResult | None = None
     lo, hi = 0.0, 0.0
+
+    async def attempt(rate: float) -> RunResult:  # a failing rate is tried twice: the machine is shared
+        r: RunResult = await run(rate)
+        if not passes(r, p99_budget_s):
+            steps.append({**r.summary(), "pass": False, "retried": True})
+            await asyncio.sleep(0.5)
+            r = await run(rate)
+        return r
+
     rate = start_rps
     lag_bound = False
     while rate <= max_rps:
-        r: RunResult = await run(rate)
+        r = await attempt(rate)
         steps.append({**r.summary(), "pass": passes(r, p99_budget_s)})
         if passes(r, p99_budget_s):
             best, lo = r, rate
@@ -307,7 +321,7 @@ async def search_rate(
         rate = start_rps
         while rate >= 25:
             rate /= 2
-            r = await run(rate)
+            r = await attempt(rate)
             steps.append({**r.summary(), "pass": passes(r, p99_budget_s)})
             if passes(r, p99_budget_s):
                 best, lo = r, rate
@@ -318,7 +332,7 @@ async def search_rate(
     for _ in range(refine):
         mid = (lo + hi) / 2
         await asyncio.sleep(0.2)
-        r = await run(mid)
+        r = await attempt(mid)
         steps.append({**r.summary(), "pass": passes(r, p99_budget_s)})
         if passes(r, p99_budget_s):
             best, lo = r, mid

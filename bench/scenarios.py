@@ -55,6 +55,7 @@ class Ctx:
     quota_note: str
     results: dict[str, Any] = field(default_factory=dict)
     rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: f"{time.time_ns():x}")
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -387,7 +388,8 @@ async def reject_scenarios(ctx: Ctx) -> None:
     for name, key, status, note in cases:
         if key is None:
             ctx.results[name] = {"skipped": note}
-            ctx.row(f"{name}: skipped", note, "", "", "", "")
+            ctx.row(f"{name}: skipped (see notes)", "", "", "", "", "")
+            ctx.notes.append(f"{name} skipped: {note}")
             continue
         req = ctx.embed_request(body, key)
         t = Target(ctx.proxy.port)
