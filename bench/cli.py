@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(GROUPS),
                    help=f"comma-separated groups from {', '.join(GROUPS)} (default: all)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per offered rate in a search (default 2)")
-    p.add_argument("--quick", action="store_true", help="short steps and samples: a dev run of about two minutes")
+    p.add_argument("--quick", action="store_true", help="short steps and samples: a dev run of about four minutes")
     p.add_argument("--soak-minutes", type=float, default=None, help="soak length (default 0.5; 10 for the full run)")
     p.add_argument("--soak-rps", type=float, default=200.0)
     p.add_argument("--miss-rps", type=float, default=100.0, help="offered rate of the fixed-rate miss run")
