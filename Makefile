@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,5 +22,9 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
+
+# Starts its own redis-server, mock upstream, proxy and baselines on 127.0.0.1; see BENCHMARKS.md.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -23,8 +23,10 @@ the UTF-8 text) or `t` (payload: the token ids as little-endian uint32).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -34,11 +36,17 @@ def seed_from_secret(secret: str) -> int:
     return int.from_bytes(hashlib.blake2b(secret.encode(), digest_size=8).digest(), "little")
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str) -> Any:
+    # The hasher after the (model, dimensions, kind) prefix, shared by requests alike: callers only copy it.
+    return xxhash.xxh3_128(f"{model}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
+
+
 class DigestBuilder:
     """Content hashes of one request's inputs: the (model, dimensions, kind) prefix is hashed once."""
 
     def __init__(self, seed: int, model: str, dimensions: int | None, kind: str) -> None:
-        self._base = xxhash.xxh3_128(f"{model}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
+        self._base = _prefix_state(seed, model, dimensions, kind)
 
     def text(self, value: str) -> str:
         h = self._base.copy()

@@ -50,6 +50,8 @@ def parse_inputs(value: Any, max_input_tokens: int) -> tuple[Literal["s", "t"], 
         raise _input_error(f"'input' has {len(value)} items; at most {MAX_ITEMS} are allowed.")
     first = value[0]
     if isinstance(first, str):
+        if all(type(item) is str for item in value) and all(value):  # the common case, checked without a loop
+            return "s", value
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise _input_error(f"'input[{i}]' must be a string like the other items.")
@@ -71,7 +73,7 @@ def parse_inputs(value: Any, max_input_tokens: int) -> tuple[Literal["s", "t"], 
 def _token_ids(ids: list[Any], where: str, max_input_tokens: int) -> list[int]:
     if not ids:
         raise _input_error(f"'{where}' cannot be an empty array of tokens.")
-    if not all(_is_int(t) and t >= 0 for t in ids):
+    if not all(type(t) is int for t in ids) or min(ids) < 0:  # bool is refused: its type is not int
         raise _input_error(f"'{where}' must contain only non-negative integer token ids.")
     if len(ids) > max_input_tokens:
         raise _input_error(

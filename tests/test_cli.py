@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Upstream, make_settings
+from tests.conftest import Upstream, make_settings, settle
 
 pytestmark = pytest.mark.redis
 MODEL = "text-embedding-3-small"
@@ -46,14 +47,17 @@ async def test_keys_create_list_revoke(make_proxy: Any, upstream: Upstream, redi
     stored = b"".join(k + b"".join(raw.hgetall(k).values()) for k in raw.keys("ep:key:*"))
     assert key.encode() not in stored and doc["key"].encode() not in stored  # only hashes are stored
 
-    proxy = await make_proxy(make_settings(upstream.base_url, redis_url))
+    # the proxy would trust a verified key for a minute: only the pushed change can refuse it sooner
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, "[keys]\ncache_s = 60.0\n"))
     headers = {"Authorization": f"Bearer {key}"}
     resp = await proxy.client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}, headers=headers)
     assert resp.status == 200
+    await settle(proxy)  # the cache write lands before cli() blocks this event loop
 
     search_id = next(r["id"] for r in records if r["team"] == "search")
     revoked = cli(redis_url, "keys", "revoke", search_id)
     assert revoked.returncode == 0, revoked.stderr
+    await asyncio.sleep(0.05)  # the revocation arrives over pub/sub, in milliseconds (this process was blocked)
     resp = await proxy.client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}, headers=headers)
     assert resp.status == 401
     assert cli(redis_url, "keys", "revoke", "key_doesnotexist").returncode == 1
