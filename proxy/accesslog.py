@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
@@ -42,12 +42,24 @@ class AccessRecord:
     error_code: str = ""
 
 
-def access_line(record: AccessRecord, *, now: float | None = None) -> bytes:
-    """The JSON line for one request (without the newline)."""
-    ts = time.time() if now is None else now
-    doc = {"ts": round(ts, 3), "pid": os.getpid(), **asdict(record)}
-    doc["duration_ms"] = round(record.duration_ms, 3)
-    doc["upstream_ms"] = round(record.upstream_ms, 3)
+def access_line(record: AccessRecord, outcome: Outcome | None = None, *, now: float | None = None) -> bytes:
+    """The JSON line for one request (without the newline); `outcome` adds the counts and the upstream time."""
+    doc = {
+        "ts": round(time.time() if now is None else now, 3), "pid": os.getpid(),
+        "request_id": record.request_id, "method": record.method, "path": record.path, "status": record.status,
+        "duration_ms": round(record.duration_ms, 3), "team": record.team, "key_id": record.key_id,
+        "model": record.model, "inputs": record.inputs, "cache": record.cache, "cache_hits": record.cache_hits,
+        "upstream_inputs": record.upstream_inputs, "prompt_tokens": record.prompt_tokens,
+        "cached_tokens": record.cached_tokens, "upstream_ms": round(record.upstream_ms, 3),
+        "error_code": record.error_code,
+    }
+    if outcome is not None:  # set by hand, not dataclasses.replace/asdict: this runs on every request
+        doc["inputs"] = len(outcome.positions)
+        doc["cache_hits"] = outcome.cache_hits
+        doc["upstream_inputs"] = outcome.upstream_inputs
+        doc["prompt_tokens"] = outcome.prompt_tokens
+        doc["cached_tokens"] = outcome.cached_tokens
+        doc["upstream_ms"] = round(outcome.upstream_s * 1e3, 3)
     return orjson.dumps(doc)
 
 
@@ -64,15 +76,8 @@ def error_code(status: int, body: object) -> str:
 
 def log_access(record: AccessRecord, outcome: Outcome | None = None) -> None:
     """Log one request; `outcome` (when embeddings were served) adds the counts and the upstream time."""
-    if not log.isEnabledFor(logging.INFO):
-        return
-    if outcome is not None:
-        record = replace(
-            record, inputs=len(outcome.positions), cache_hits=outcome.cache_hits,
-            upstream_inputs=outcome.upstream_inputs, prompt_tokens=outcome.prompt_tokens,
-            cached_tokens=outcome.cached_tokens, upstream_ms=outcome.upstream_s * 1e3,
-        )
-    log.info(access_line(record).decode())
+    if log.isEnabledFor(logging.INFO):
+        log.info(access_line(record, outcome).decode())
 
 
 class JsonLineFormatter(logging.Formatter):

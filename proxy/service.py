@@ -148,7 +148,7 @@ class EmbeddingService:
             fetching = [i for i in misses if keys[i] not in pending]
             await ticket.charge_tokens(sum(counts[i] for i in fetching), sum(counts[p] for p in positions))
 
-        futures, owned = self._inflight.claim(keys[i] for i in misses)
+        futures, owned = self._inflight.claim(keys[i] for i in misses) if misses else ({}, [])
         owned_idx = [unique[k] for k in owned]
         for part in chunk(owned_idx, counts, spec.max_batch_items, spec.max_batch_tokens):
             task = asyncio.create_task(

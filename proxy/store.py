@@ -34,7 +34,9 @@ def connect(settings: RedisSettings) -> tuple[Any, bool]:
         return fakeredis.FakeAsyncRedis(), True
     client = aioredis.Redis.from_url(
         settings.url,
-        socket_timeout=settings.socket_timeout_s,
+        # No per-socket timeout: Store.call bounds every call as a whole (redis-py's own costs a wait_for task per
+        # command, and would break the blocking read of the key-change subscription every socket_timeout_s).
+        socket_timeout=None,
         socket_connect_timeout=settings.socket_timeout_s,
         max_connections=settings.max_connections,
         decode_responses=False,
