@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from .cache import EmbeddingCache, Entry
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
@@ -231,7 +233,10 @@ class EmbeddingService:
             self._inflight.fail(keys, UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__})."))
             return
         m.upstream_requests.labels(req.model, "ok").inc()
-        entries = [Entry(vec.tobytes(), tok) for vec, tok in zip(result.vectors, result.tokens, strict=True)]
+        # views into the one array the upstream answer was decoded to: no copy per vector
+        rows = np.ascontiguousarray(result.vectors, dtype="<f4").data.cast("B")
+        width = result.vectors.shape[1] * 4
+        entries = [Entry(rows[i * width:(i + 1) * width], tok) for i, tok in enumerate(result.tokens)]
         for key, entry in zip(keys, entries, strict=True):
             self._inflight.resolve(key, entry)
         try:
