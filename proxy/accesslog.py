@@ -1,25 +1,29 @@
-"""Structured access log: one JSON line per request on the `proxy.access` logger.
+"""Structured access log: one JSON line per request, on stdout.
 
 Only bounded, non-secret facts: ids, team, model, counts, timings, status. Never a key, an input, a header value
 other than the request id, or anything about the upstream's credentials.
+
+Lines are buffered and written together, every `flush_interval_s` and whenever 64 KiB are waiting, and at
+shutdown: one write per batch instead of a logging record, a lock and a write per request (the logging module cost
+about a tenth of a small cache hit). A process killed with SIGKILL loses at most its last interval of lines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import orjson
 
 if TYPE_CHECKING:
-    from .service import Outcome
+    from .service import Trace
 
-LOGGER_NAME = "proxy.access"
-log = logging.getLogger(LOGGER_NAME)
+log = logging.getLogger("proxy.accesslog")
+_MAX_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,34 +36,26 @@ class AccessRecord:
     team: str = ""
     key_id: str = ""
     model: str = ""
-    inputs: int = 0
     cache: str = ""  # hit, miss, partial; empty when no embeddings were served
-    cache_hits: int = 0  # unique inputs found in the cache
-    upstream_inputs: int = 0  # unique inputs this request sent upstream
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    upstream_ms: float = 0.0
     error_code: str = ""
 
 
-def access_line(record: AccessRecord, outcome: Outcome | None = None, *, now: float | None = None) -> bytes:
-    """The JSON line for one request (without the newline); `outcome` adds the counts and the upstream time."""
+def access_line(record: AccessRecord, trace: Trace | None = None, *, now: float | None = None) -> bytes:
+    """The JSON line for one request (without the newline); `trace` adds the counts and the upstream time."""
     doc = {
         "ts": round(time.time() if now is None else now, 3), "pid": os.getpid(),
         "request_id": record.request_id, "method": record.method, "path": record.path, "status": record.status,
         "duration_ms": round(record.duration_ms, 3), "team": record.team, "key_id": record.key_id,
-        "model": record.model, "inputs": record.inputs, "cache": record.cache, "cache_hits": record.cache_hits,
-        "upstream_inputs": record.upstream_inputs, "prompt_tokens": record.prompt_tokens,
-        "cached_tokens": record.cached_tokens, "upstream_ms": round(record.upstream_ms, 3),
-        "error_code": record.error_code,
+        "model": record.model, "inputs": 0, "cache": record.cache, "cache_hits": 0, "upstream_inputs": 0,
+        "prompt_tokens": 0, "cached_tokens": 0, "upstream_ms": 0.0, "error_code": record.error_code,
     }
-    if outcome is not None:  # set by hand, not dataclasses.replace/asdict: this runs on every request
-        doc["inputs"] = len(outcome.positions)
-        doc["cache_hits"] = outcome.cache_hits
-        doc["upstream_inputs"] = outcome.upstream_inputs
-        doc["prompt_tokens"] = outcome.prompt_tokens
-        doc["cached_tokens"] = outcome.cached_tokens
-        doc["upstream_ms"] = round(outcome.upstream_s * 1e3, 3)
+    if trace is not None:
+        doc["inputs"] = trace.inputs
+        doc["cache_hits"] = trace.cache_hits
+        doc["upstream_inputs"] = trace.upstream_inputs
+        doc["prompt_tokens"] = trace.prompt_tokens
+        doc["cached_tokens"] = trace.cached_tokens
+        doc["upstream_ms"] = round(trace.upstream_s * 1e3, 3)
     return orjson.dumps(doc)
 
 
@@ -74,24 +70,35 @@ def error_code(status: int, body: object) -> str:
     return code if isinstance(code, str) else ""
 
 
-def log_access(record: AccessRecord, outcome: Outcome | None = None) -> None:
-    """Log one request; `outcome` (when embeddings were served) adds the counts and the upstream time."""
-    if log.isEnabledFor(logging.INFO):
-        log.info(access_line(record, outcome).decode())
+class AccessLog:
+    """Buffered JSON lines to `stream` (None: access logging is off)."""
 
+    def __init__(self, stream: BinaryIO | None, flush_interval_s: float = 0.25) -> None:
+        self.stream = stream
+        self.enabled = stream is not None
+        self._interval = flush_interval_s
+        self._lines: list[bytes] = []
+        self._size = 0
 
-class JsonLineFormatter(logging.Formatter):
-    """Prints the message alone: access lines are already JSON documents."""
+    def add(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._size += len(line) + 1
+        if self._size >= _MAX_BUFFER:
+            self.flush()
 
-    def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage()
+    def flush(self) -> None:
+        if not self._lines or self.stream is None:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines, self._size = [], 0
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:  # closed or broken stdout: the proxy keeps serving
+            log.warning("access log lines dropped: %s", type(exc).__name__)
 
-
-def configure(stream_handler: logging.Handler | None = None) -> None:
-    """Send `proxy.access` to its own handler as bare JSON lines, not through the root's text format."""
-    handler = stream_handler or logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonLineFormatter())
-    log.handlers[:] = [handler]
-    log.propagate = False
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.INFO)
+    async def run(self) -> None:
+        """Flush every interval until cancelled (the app's shutdown flushes what is left)."""
+        while True:
+            await asyncio.sleep(self._interval)
+            self.flush()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from .accesslog import AccessRecord, error_code, log_access
+from .accesslog import AccessLog, AccessRecord, access_line, error_code
 from .admin import add_routes as add_admin_routes
 from .admin import check_admin
 from .cache import EmbeddingCache
@@ -31,7 +32,7 @@ from .quota import Quotas
 from .rediskeys import RedisKeys
 from .request import parse_request
 from .response import render
-from .service import EmbeddingService, Outcome
+from .service import EmbeddingService, Trace
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
 from .tokens import Tokenizer
@@ -50,10 +51,11 @@ METRICS = web.AppKey("metrics", Metrics)
 TEAMS = web.AppKey("teams", TeamStore)
 QUOTAS = web.AppKey("quotas", Quotas)
 LEDGER = web.AppKey("ledger", UsageLedger)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
-OUTCOME = web.RequestKey("outcome", Outcome)
+TRACE = web.RequestKey("trace", Trace)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,7 +90,6 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id", "")
     request[REQUEST_ID] = rid if rid and _REQUEST_ID.match(rid) else os.urandom(16).hex()
-    started = time.perf_counter()
     try:
         resp = await handler(request)
     except ProxyError as err:
@@ -103,7 +104,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error in request %s", request[REQUEST_ID])
         resp = _error_response(ProxyError("The proxy had an internal error.", code="internal_error"))
     resp.headers["x-request-id"] = request[REQUEST_ID]
-    log.debug("%s %s %d %.1fms", request.method, request.path, resp.status, (time.perf_counter() - started) * 1e3)
     return resp
 
 
@@ -127,13 +127,15 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     model, cache = request.get(MODEL, ""), resp.headers.get("x-cache", "")
     if is_embeddings:
         m.observe_request(team, key_id, model, resp.status, cache or "none", elapsed)
-    route = request.match_info.route.resource
-    log_access(AccessRecord(
-        request_id=request.get(REQUEST_ID, ""), method=request.method,
-        path=route.canonical if route is not None else "<unmatched>", status=resp.status,
-        duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
-        error_code=error_code(resp.status, getattr(resp, "body", None)),
-    ), request.get(OUTCOME))
+    access = request.app[ACCESS_LOG]
+    if access.enabled:
+        route = request.match_info.route.resource
+        access.add(access_line(AccessRecord(
+            request_id=request.get(REQUEST_ID, ""), method=request.method,
+            path=route.canonical if route is not None else "<unmatched>", status=resp.status,
+            duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
+            error_code=error_code(resp.status, getattr(resp, "body", None)),
+        ), request.get(TRACE)))
     return resp
 
 
@@ -153,8 +155,8 @@ async def embeddings(request: web.Request) -> web.Response:
     request[MODEL] = req.model
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
-    outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key))
-    request[OUTCOME] = outcome
+    request[TRACE] = trace = Trace(inputs=len(req.inputs))
+    outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key), trace)
     app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
     app[METRICS].observe_embedding(
         key.team, key.id, req.model, inputs=len(outcome.positions), upstream_inputs=outcome.upstream_inputs,
@@ -218,9 +220,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: Settings, *, metrics_registry: Metrics | None = None, metrics_route: bool = True
+    settings: Settings, *, metrics_registry: Metrics | None = None, metrics_route: bool = True,
+    access_log: AccessLog | None = None,
 ) -> web.Application:
-    """The proxy; `metrics_route=False` leaves /metrics off this app (served on its own port instead)."""
+    """The proxy; `metrics_route=False` leaves /metrics off this app (served on its own port instead);
+    `access_log` defaults to stdout (or nothing, with `server.access_log = false`)."""
     app = web.Application(
         middlewares=[observe_middleware, error_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -240,6 +244,9 @@ def create_app(
     app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
     app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m)
     app[LEDGER] = ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days)
+    if access_log is None:
+        access_log = AccessLog(sys.stdout.buffer if settings.server.access_log else None)
+    app[ACCESS_LOG] = access_log
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if embedded:
@@ -252,6 +259,7 @@ def create_app(
         background = [
             asyncio.create_task(ledger.run(settings.usage.flush_interval_s)),
             asyncio.create_task(auth.listen(store.client, rkeys.key_changes(), settings.redis.retry_interval_s)),
+            asyncio.create_task(access_log.run()),
         ]
         yield
         await service.drain()
@@ -265,6 +273,7 @@ def create_app(
             log.error("usage not written to the ledger at shutdown: redis unreachable")
         await upstream.close()
         await store.close()
+        access_log.flush()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/embeddings", embeddings)

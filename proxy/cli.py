@@ -202,11 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str) -> None:
-    """Text logs on stderr; the access log (`proxy.access`) as bare JSON lines on stdout."""
-    from . import accesslog
-
+    """Text logs on stderr (the access log is JSON lines on stdout, written by accesslog.AccessLog)."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    accesslog.configure()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

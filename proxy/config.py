@@ -47,6 +47,8 @@ class ServerSettings:
     port: int = 8080
     # Bodies larger than this are refused with 413 before they are parsed.
     max_body_bytes: int = 16 * 1024 * 1024
+    # One JSON line per request on stdout (see README, "Access log"); false turns it off.
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ class CacheSettings:
     scope: Literal["shared", "team"] = "shared"
     # Prefix of every Redis key the proxy writes.
     key_prefix: str = "ep"
+    # The in-process tier, per process: entries read from Redis are kept here too (least recently used evicted
+    # beyond this size), so inputs asked for again are answered without a Redis round trip. 0 turns it off.
+    local_max_mb: int = 64
+    # How long a local copy is used before Redis is asked again (bounds how long a purged entry is still served).
+    local_ttl_s: float = 600.0
 
 
 @dataclass(frozen=True)

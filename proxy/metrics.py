@@ -111,6 +111,10 @@ class Metrics:
         self.redis_errors = Counter(
             f"{_PREFIX}_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r,
         )
+        self.local_hits = Counter(
+            f"{_PREFIX}_cache_local_hits", "Unique inputs answered by the in-process cache tier (no Redis read); "
+            "also counted in cache_lookups_total as hits.", registry=r,
+        )
         self.cache_write_errors = Counter(
             f"{_PREFIX}_cache_write_errors", "Cache writes that could not be made.", registry=r,
         )

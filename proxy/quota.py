@@ -78,8 +78,9 @@ class Ticket:
 
     1. the request itself (`queue` puts the script in the pipeline that reads the cache; `charge_request` reads
        its reply, or runs it alone), checking request limits, and reading every counter for the headers;
-    2. its tokens, once the cache has said what must go upstream (`charge_tokens`); nothing to do for a full hit
-       when only billable tokens count. If the tokens do not fit, the request slot is given back too.
+    2. its tokens, once the cache has said what must go upstream (`charge_tokens`, possibly in several steps);
+       nothing to do for a full hit when only billable tokens count. If they do not fit, the request slot and
+       any earlier reservation are given back too.
     Afterwards `settle` corrects the tokens to the upstream's count, and `refund` gives them back on failure.
     """
 
@@ -110,16 +111,20 @@ class Ticket:
             reply = await self._quotas.charge([c.key for c in self.counters], self._args(1, 0))
         self._apply(reply, 1, 0)
 
-    async def charge_tokens(self, billable_tokens: int, all_tokens: int) -> None:
-        """Step 2: reserve the tokens (those about to go upstream, or every prompt token under count = "all")."""
-        tokens = all_tokens if self.counts_all else billable_tokens
+    async def charge_tokens(self, tokens: int) -> None:
+        """Step 2: reserve `tokens` more (the caller reserves in as many steps as it needs). If they do not fit,
+        everything this ticket holds is given back (the request slot and earlier reservations) and it raises 429."""
         if tokens <= 0:
             return
-        reply = await self._quotas.charge([c.key for c in self.counters], self._args(0, tokens))
+        keys = [c.key for c in self.counters]
+        reply = await self._quotas.charge(keys, self._args(0, tokens))
         if reply[0] == 0:
             await self.release_request()
+            if self.tokens:
+                await self._quotas.adjust([c.key for c in self.counters if c.metric == "tok"], -self.tokens)
+                self.tokens = 0
         self._apply(reply, 0, tokens)
-        self.tokens = tokens
+        self.tokens += tokens
 
     async def release_request(self) -> None:
         """Give the request slot back (refused for tokens, or invalid after step 1)."""

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from .cache import EmbeddingCache, Entry
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
+from .localcache import LocalCache
 from .metrics import Metrics
 from .quota import Ticket
 from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
@@ -32,6 +33,9 @@ from .upstream import UpstreamClient
 log = logging.getLogger("proxy.service")
 # Above this many characters of uncached text, token counting moves off the event loop.
 _INLINE_COUNT_CHARS = 64 * 1024
+# New entries are written this long after their upstream answer, all together: the answer goes out first, and
+# under load one pipeline carries the entries of many requests.
+_WRITE_DELAY_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +49,22 @@ class Outcome:
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
     ticket: Ticket | None = None  # the quota reservation, when the key or its team has limits
-    upstream_s: float = 0.0  # time this request waited for upstream answers (its own calls or shared ones)
 
     @property
     def cached_tokens(self) -> int:
         return self.prompt_tokens - self.billed_tokens
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one request did, for its access line; filled in as it goes, so a failed request has it too."""
+
+    inputs: int = 0
+    cache_hits: int = 0  # unique inputs found in the cache (either tier)
+    upstream_inputs: int = 0  # unique inputs this request sent upstream
+    upstream_s: float = 0.0  # time it waited for upstream answers (its own calls or shared ones)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def chunk(indices: Sequence[int], counts: Sequence[int], max_items: int, max_tokens: int) -> list[list[int]]:
@@ -84,14 +99,25 @@ class EmbeddingService:
         self._tokenizers = tokenizers
         self._keys = RedisKeys(settings.cache.key_prefix)
         self._inflight = InFlight()
+        mb = settings.cache.local_max_mb
+        self._local = LocalCache(mb * 1024 * 1024, settings.cache.local_ttl_s) if mb > 0 else None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writes: list[tuple[str, Entry]] = []  # fetched entries waiting for the next cache write
+        self._write_timer: asyncio.TimerHandle | None = None
         # Used only while the shared cache secret is unknown (Redis down at start): dedup and coalescing still
         # work, and nothing hashed with it is ever written.
         self._fallback_seed = seed_from_secret(secrets.token_urlsafe(32))
 
-    async def embed(self, req: EmbeddingRequest, team: str, ticket: Ticket | None = None) -> Outcome:
+    @property
+    def local_cache(self) -> LocalCache | None:
+        return self._local
+
+    async def embed(
+        self, req: EmbeddingRequest, team: str, ticket: Ticket | None = None, trace: Trace | None = None
+    ) -> Outcome:
         """The answer's vectors and counts. With a quota `ticket`, the request is charged in the cache read's
         round trip and its tokens once they are known, before anything goes upstream; either may refuse (429)."""
+        trace = trace if trace is not None else Trace()
         spec = self._settings.models[req.model]
         dims = req.dimensions or spec.dimensions
         try:
@@ -112,28 +138,38 @@ class EmbeddingService:
                 items.append(item)
             positions.append(idx)
         keys = list(unique)
+        trace.inputs = len(positions)
 
         found: list[Entry | None] = [None] * len(keys)
-        pending = self._inflight.pending(keys)
-        lookup = [i for i, k in enumerate(keys) if k not in pending] if pending else list(range(len(keys)))
+        local_hits = 0
+        if self._local is not None and cacheable:
+            get = self._local.get
+            for i, k in enumerate(keys):
+                found[i] = e = get(k)
+                if e is not None:
+                    local_hits += 1
+        inflight = self._inflight
+        epoch = inflight.epoch()  # before the cache read: what is released after it may need a second look
+        lookup = [i for i, e in enumerate(found) if e is None and keys[i] not in inflight]
         bypassed = not cacheable
         quota_reply: Any = None
         if cacheable and lookup:
             try:
                 also = ticket.queue if ticket is not None else None
-                got, extra = await self._cache.get_many([keys[i] for i in lookup], dims, also)
-                for i, entry in zip(lookup, got, strict=True):
-                    found[i] = entry
-                quota_reply = extra[0] if extra else None
+                quota_reply = await self._read(keys, lookup, found, dims, also)
             except StoreUnavailable:
                 bypassed = True
         misses = [i for i, e in enumerate(found) if e is None]
-        hits = len(keys) - len(misses)
+        m = self._metrics
         if bypassed:
-            self._metrics.child(self._metrics.cache_lookups, "error").inc(len(lookup))
+            m.child(m.cache_lookups, "error").inc(len(lookup))
+            m.child(m.cache_lookups, "hit").inc(local_hits)
         else:
-            self._metrics.child(self._metrics.cache_lookups, "hit").inc(hits)
-            self._metrics.child(self._metrics.cache_lookups, "miss").inc(len(lookup) - hits)
+            read_misses = sum(1 for i in lookup if found[i] is None)
+            m.child(m.cache_lookups, "hit").inc(len(keys) - len(misses))
+            m.child(m.cache_lookups, "miss").inc(read_misses)
+        if local_hits:
+            m.local_hits.inc(local_hits)
 
         if ticket is not None:
             await ticket.charge_request(quota_reply)
@@ -146,12 +182,17 @@ class EmbeddingService:
             if ticket is not None:
                 await ticket.release_request()
             raise
-        if ticket is not None:
-            fetching = [i for i in misses if keys[i] not in pending]
-            await ticket.charge_tokens(sum(counts[i] for i in fetching), sum(counts[p] for p in positions))
+        if ticket is not None and ticket.counts_all:
+            await ticket.charge_tokens(sum(counts[p] for p in positions))
+        if misses:
+            misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, cacheable and not bypassed,
+                                               ticket)
+        hits = len(keys) - len(misses)
+        trace.cache_hits = hits
 
-        futures, owned = self._inflight.claim(keys[i] for i in misses) if misses else ({}, [])
+        futures, owned = inflight.claim(keys[i] for i in misses) if misses else ({}, [])
         owned_idx = [unique[k] for k in owned]
+        trace.upstream_inputs = len(owned_idx)
         for part in chunk(owned_idx, counts, spec.max_batch_items, spec.max_batch_tokens):
             task = asyncio.create_task(
                 self._fetch(req, [keys[i] for i in part], [items[i] for i in part], [counts[i] for i in part],
@@ -159,16 +200,16 @@ class EmbeddingService:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        upstream_s = 0.0
         if futures:
             started = time.perf_counter()
             try:
                 results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
             except Exception:
+                trace.upstream_s = time.perf_counter() - started
                 if ticket is not None:
                     await ticket.refund()
                 raise
-            upstream_s = time.perf_counter() - started
+            trace.upstream_s = time.perf_counter() - started
             for i, entry in zip(misses, results, strict=True):
                 found[i] = entry
         entries: list[Entry] = found  # type: ignore[assignment]
@@ -177,9 +218,51 @@ class EmbeddingService:
         prompt = sum(entries[p].tokens for p in positions)
         if ticket is not None:
             await ticket.settle(prompt if ticket.counts_all else billed)
+        trace.prompt_tokens, trace.cached_tokens = prompt, prompt - billed
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket,
-                       upstream_s)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket)
+
+    async def _read(
+        self, keys: list[str], lookup: list[int], found: list[Entry | None], dims: int,
+        also: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Fill `found` at `lookup` from Redis (admitting hits to the local tier); returns `also`'s reply."""
+        got, extra = await self._cache.get_many([keys[i] for i in lookup], dims, also)
+        local = self._local
+        for i, entry in zip(lookup, got, strict=True):
+            if entry is not None:
+                found[i] = entry
+                if local is not None:
+                    local.put(keys[i], entry)
+        return extra[0] if extra else None
+
+    async def _settle_misses(
+        self, keys: list[str], misses: list[int], found: list[Entry | None], counts: list[int], epoch: int,
+        dims: int, readable: bool, ticket: Ticket | None,
+    ) -> list[int]:
+        """The misses to claim, once the ones that landed in the cache meanwhile are read and the tokens of the
+        ones this request will send upstream are reserved. Returns with nothing to await between its last check
+        and the caller's claim, so the reservation covers exactly what the request will own."""
+        inflight = self._inflight
+        reserved: set[int] = set()
+        reread = False
+        while True:
+            landed = [i for i in misses if keys[i] not in inflight and inflight.released_since(keys[i], epoch)]
+            if landed and readable and not reread:
+                reread, epoch = True, inflight.epoch()
+                try:
+                    await self._read(keys, landed, found, dims)
+                except StoreUnavailable:
+                    readable = False
+                misses = [i for i in misses if found[i] is None]
+                continue
+            if ticket is not None and not ticket.counts_all:
+                extra = [i for i in misses if keys[i] not in inflight and i not in reserved]
+                if extra:
+                    await ticket.charge_tokens(sum(counts[i] for i in extra))
+                    reserved.update(extra)
+                    continue
+            return misses
 
     async def _count(self, spec: ModelSettings, kind: str, items: list[str | list[int]]) -> list[int]:
         tokenizer = self._tokenizers[spec.tokenizer]
@@ -239,16 +322,36 @@ class EmbeddingService:
         entries = [Entry(rows[i * width:(i + 1) * width], tok) for i, tok in enumerate(result.tokens)]
         for key, entry in zip(keys, entries, strict=True):
             self._inflight.resolve(key, entry)
+        if not cacheable:
+            self._inflight.release(keys, written=False)
+            return
+        self._writes.extend(zip(keys, entries, strict=True))
+        if self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(_WRITE_DELAY_S, self._start_write)
+
+    def _start_write(self) -> None:
+        self._write_timer = None
+        batch, self._writes = self._writes, []
+        if batch:
+            task = asyncio.create_task(self._write(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: list[tuple[str, Entry]]) -> None:
+        """One pipeline for every entry fetched since the last write; the keys stay claimed until it is done."""
+        written = False
         try:
-            if cacheable:
-                await asyncio.sleep(0)  # let the waiting requests answer before this task sends the write
-                await self._cache.set_many(list(zip(keys, entries, strict=True)))
+            await self._cache.set_many(batch)
+            written = True
         except StoreUnavailable:
-            m.cache_write_errors.inc()
+            self._metrics.cache_write_errors.inc()
         finally:
-            self._inflight.release(keys)
+            self._inflight.release((key for key, _ in batch), written)
 
     async def drain(self) -> None:
         """Wait for background upstream calls and cache writes (at shutdown)."""
-        while self._tasks:
+        while self._tasks or self._writes:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+            self._start_write()
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

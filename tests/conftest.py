@@ -166,8 +166,8 @@ ProxyFactory = Callable[..., Any]
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     clients: list[TestClient[Any, Any]] = []
 
-    async def factory(settings: Settings) -> Proxy:
-        app = create_app(settings)
+    async def factory(settings: Settings, **options: Any) -> Proxy:
+        app = create_app(settings, **options)
         client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)

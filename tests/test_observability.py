@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.accesslog import AccessRecord, access_line, error_code
+from proxy.accesslog import AccessLog, AccessRecord, access_line, error_code
+from proxy.app import ACCESS_LOG
 from proxy.metrics import Metrics, upstream_error_kind
-from tests.conftest import UPSTREAM_KEY, Proxy, settle
+from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, Upstream, make_settings, settle
 
 pytestmark = pytest.mark.redis
 MODEL = "text-embedding-3-small"
 
 
-def _access(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxy.access"]
+def _lines(proxy: Proxy) -> list[dict[str, object]]:
+    log = proxy.app[ACCESS_LOG]
+    log.flush()
+    assert isinstance(log.stream, io.BytesIO)
+    return [json.loads(line) for line in log.stream.getvalue().splitlines()]
 
 
-async def test_one_json_line_per_request_without_secrets(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="proxy.access")
+@pytest.fixture
+async def logged(make_proxy: ProxyFactory, upstream: Upstream, redis_url: str) -> Proxy:
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, redis_url), access_log=AccessLog(io.BytesIO()))
+    return p
+
+
+async def test_one_json_line_per_request_without_secrets(logged: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = logged
     key = await proxy.new_key("search")
     secret_text = "the quarterly numbers are confidential"
     resp = await proxy.embed(key, {"model": MODEL, "input": [secret_text, "hello"]}, **{"x-request-id": "req-1"})
@@ -36,7 +49,7 @@ async def test_one_json_line_per_request_without_secrets(proxy: Proxy, caplog: p
     assert (await proxy.client.get("/healthz")).status == 200
     assert (await proxy.client.get("/metrics")).status == 200
 
-    lines = _access(caplog)
+    lines = _lines(proxy)
     assert [(line["path"], line["status"]) for line in lines] == [
         ("/v1/embeddings", 200), ("/v1/embeddings", 200), ("/v1/embeddings", 401), ("/v1/models/{model}", 404),
     ]  # probes and scrapes are not logged
@@ -48,8 +61,51 @@ async def test_one_json_line_per_request_without_secrets(proxy: Proxy, caplog: p
     assert second["cache"] == "hit" and second["cache_hits"] == 1 and second["cached_tokens"] == second[
         "prompt_tokens"] and second["upstream_ms"] == 0
     assert unauthorised["team"] == "" and unauthorised["error_code"] == "invalid_api_key"
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    log = proxy.app[ACCESS_LOG].stream
+    assert isinstance(log, io.BytesIO)
+    text = log.getvalue().decode() + "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("proxy"))
     assert key not in text and secret_text not in text and UPSTREAM_KEY not in text and "some-user-string" not in text
+
+
+async def test_failed_request_keeps_its_counts(logged: Proxy, upstream: Upstream) -> None:
+    key = await logged.new_key("search")
+    upstream.state.fail_next("status", times=100, status=500)
+    resp = await logged.embed(key, {"model": MODEL, "input": ["a", "b", "a"]})
+    assert resp.status == 502
+    (line,) = _lines(logged)
+    assert line["status"] == 502 and line["error_code"] == "upstream_error"
+    assert line["inputs"] == 3 and line["upstream_inputs"] == 2 and line["prompt_tokens"] == 0
+    assert float(str(line["upstream_ms"])) > 0
+
+
+def test_access_log_buffers_and_flushes() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    log.add(b'{"a":1}')
+    assert stream.getvalue() == b""  # buffered until the next flush
+    log.flush()
+    assert stream.getvalue() == b'{"a":1}\n'
+    big = b"x" * 40_000
+    log.add(big)
+    log.add(big)  # over 64 KiB waiting: written at once
+    assert stream.getvalue() == b'{"a":1}\n' + big + b"\n" + big + b"\n"
+    off = AccessLog(None)
+    assert not off.enabled
+    off.add(b"{}")
+    off.flush()  # nothing to write to: no error
+
+
+async def test_access_log_flushes_on_its_interval() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream, flush_interval_s=0.01)
+    task = asyncio.create_task(log.run())
+    log.add(b"{}")
+    for _ in range(200):
+        if stream.getvalue():
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert stream.getvalue() == b"{}\n"
 
 
 async def test_in_process_metrics(proxy: Proxy) -> None:

@@ -91,7 +91,7 @@ async def admit(quotas: Quotas, k: KeyRecord, billable: int, all_tokens: int) ->
     if ticket is None:
         return Ticket(quotas, k, [], 0.0, False)
     await ticket.charge_request()
-    await ticket.charge_tokens(billable, all_tokens)
+    await ticket.charge_tokens(all_tokens if ticket.counts_all else billable)
     return ticket
 
 

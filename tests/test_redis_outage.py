@@ -18,7 +18,8 @@ MODEL = "text-embedding-3-small"
 
 
 async def test_redis_hung_then_gone_then_back(make_proxy: Any, upstream: Upstream, own_redis: RedisServer) -> None:
-    config = "[redis]\nsocket_timeout_s = 0.2\nretry_interval_s = 0.3\n"
+    # Redis alone: the in-process tier would answer "warm" during the outage (tests/test_local_cache.py)
+    config = "[redis]\nsocket_timeout_s = 0.2\nretry_interval_s = 0.3\n[cache]\nlocal_max_mb = 0\n"
     settings = make_settings(upstream.base_url, own_redis.url, config)
     proxy = await make_proxy(settings)
     known, _ = await proxy.app[KEYSTORE].create("search")

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,16 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
     s.mock.stop()
 
 
+def access_lines(stack: Stack, pids: int = 2) -> list[dict[str, Any]]:
+    """The access lines so far; each worker writes its buffered lines every 0.25 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in stack.proxy.stdout().splitlines() if line.startswith("{")]
+        if len({line["pid"] for line in lines}) >= pids or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def test_counters_are_exact_across_two_workers(stack: Stack) -> None:
     key, key_id = stack.keys["search"]
     team = {"team": "search", "key_id": key_id, "model": MODEL}
@@ -121,7 +132,7 @@ def test_counters_are_exact_across_two_workers(stack: Stack) -> None:
     assert sum(v for (n, _), v in after.items() if n == "embedding_proxy_build_info") == 1  # max, not a sum
 
     # both workers answered, and each line is JSON without keys or inputs
-    lines = [json.loads(line) for line in stack.proxy.stdout().splitlines() if line.startswith("{")]
+    lines = access_lines(stack)
     assert len({line["pid"] for line in lines}) == 2
     served = [line for line in lines if line["status"] == 200]
     assert served[0]["key_id"] == key_id and served[0]["team"] == "search" and served[0]["inputs"] == 3

@@ -1,0 +1,145 @@
+"""The in-process cache tier: bounded LRU with a TTL, admitted from Redis reads only, used before Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import METRICS, SERVICE
+from proxy.cache import Entry
+from proxy.localcache import LocalCache
+from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.helpers import assert_same_vectors, direct, vectors
+
+MODEL = "text-embedding-3-small"
+
+
+def entry(n: int = 1536, tokens: int = 3) -> Entry:
+    return Entry(bytes(4 * n), tokens)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lru_by_bytes() -> None:
+    one = len(entry().vector) + 200
+    cache = LocalCache(max_bytes=3 * one, ttl_s=60)
+    for k in "abc":
+        cache.put(k, entry())
+    assert len(cache) == 3 and cache.bytes == 3 * one
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", entry())
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    assert len(cache) == 3 and cache.bytes == 3 * one
+    cache.put("d", entry(tokens=99))  # already there: kept as it was
+    got = cache.get("d")
+    assert got is not None and got.tokens == 3
+    tiny = LocalCache(max_bytes=100, ttl_s=60)
+    tiny.put("big", entry())  # larger than the whole tier: not admitted
+    assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_ttl_with_a_pinned_clock() -> None:
+    clock = Clock()
+    cache = LocalCache(max_bytes=1 << 20, ttl_s=10, clock=clock)
+    cache.put("a", entry())
+    clock.now += 9.9
+    assert cache.get("a") is not None
+    clock.now += 0.2
+    assert cache.get("a") is None and len(cache) == 0 and cache.bytes == 0
+
+
+def _samples(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()))
+            out[key] = s.value
+    return out
+
+
+async def _mgets(redis_server: RedisServer) -> int:
+    stats: dict[str, Any] = redis_server.client().info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_second_read_is_served_in_process(proxy: Proxy, upstream: Upstream, redis_server: RedisServer) -> None:
+    key = await proxy.new_key()
+    body = {"model": MODEL, "input": ["hot input", "other"], "encoding_format": "base64"}
+    assert (await proxy.embed(key, body)).headers["x-cache"] == "miss"
+    await settle(proxy)
+    # a fresh upstream answer is not admitted: the first repeat reads Redis, which admits it
+    before = await _mgets(redis_server)
+    assert (await proxy.embed(key, body)).headers["x-cache"] == "hit"
+    assert await _mgets(redis_server) == before + 1
+    local = proxy.app[SERVICE].local_cache
+    assert local is not None and len(local) == 2
+    # from now on no Redis read at all, and the same exact vectors
+    resp = await proxy.embed(key, body)
+    assert resp.headers["x-cache"] == "hit" and await _mgets(redis_server) == before + 1
+    got = await resp.json()
+    assert_same_vectors(vectors(got), vectors(await direct(upstream.base_url, {**body, "encoding_format": "base64"})))
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == got["usage"]["prompt_tokens"]
+    # a partial local hit reads only what is missing
+    upstream.state.reset()
+    resp = await proxy.embed(key, {"model": MODEL, "input": ["hot input", "new one"]})
+    assert resp.headers["x-cache"] == "partial" and upstream.state.inputs == 1
+    samples = _samples(proxy.app[METRICS].render().decode())
+    assert samples["embedding_proxy_cache_local_hits_total"] == 3
+    assert samples["embedding_proxy_cache_lookups_total|result=hit"] == 5  # 2 from Redis, 3 local
+
+
+@pytest.mark.redis
+async def test_off_and_per_team(make_proxy: Any, upstream: Upstream, redis_url: str, redis_server: RedisServer) -> None:
+    off = await make_proxy(make_settings(upstream.base_url, redis_url, "[cache]\nlocal_max_mb = 0\n"))
+    assert off.app[SERVICE].local_cache is None
+    key = await off.new_key()
+    body = {"model": MODEL, "input": "x"}
+    before = await _mgets(redis_server)
+    for _ in range(3):
+        assert (await off.embed(key, body)).status == 200
+        await settle(off)
+    assert await _mgets(redis_server) == before + 3  # every request read Redis
+
+    teams = await make_proxy(make_settings(upstream.base_url, redis_url, '[cache]\nscope = "team"\n'))
+    a, b = await teams.new_key("a"), await teams.new_key("b")
+    for _ in range(3):
+        assert (await teams.embed(a, body)).status == 200
+        await settle(teams)
+    upstream.state.reset()
+    # team b never sees team a's entry, in Redis or in process
+    assert (await teams.embed(b, body)).headers["x-cache"] == "miss" and upstream.state.inputs == 1
+
+
+@pytest.mark.redis
+async def test_local_entries_answer_while_redis_hangs(make_proxy: Any, upstream: Upstream,
+                                                      own_redis: RedisServer) -> None:
+    config = "[redis]\nsocket_timeout_s = 0.2\nretry_interval_s = 0.3\n"
+    proxy = await make_proxy(make_settings(upstream.base_url, own_redis.url, config))
+    key = await proxy.new_key()
+    body = {"model": MODEL, "input": ["warm"]}
+    for _ in range(2):  # miss, then a Redis hit that admits it
+        assert (await proxy.embed(key, body)).status == 200
+        await settle(proxy)
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        upstream.state.reset()
+        resp = await asyncio.wait_for(proxy.embed(key, {"model": MODEL, "input": ["warm", "cold"]}), 5)
+        assert resp.status == 200 and resp.headers["x-cache"] == "partial"
+        assert upstream.state.inputs == 1  # only "cold"
+        resp = await asyncio.wait_for(proxy.embed(key, body), 5)
+        assert resp.status == 200 and resp.headers["x-cache"] == "hit"
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
