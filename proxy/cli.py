@@ -119,7 +119,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_mock(args: argparse.Namespace, settings: Settings) -> int:
     from .mock_upstream import MockSettings, run
 
-    run(args.host, args.port, MockSettings(api_key=args.api_key, latency_ms=args.latency_ms))
+    run(args.host, args.port, MockSettings(api_key=args.api_key, latency_ms=args.latency_ms, shuffle=args.shuffle,
+                                           floats_only=args.floats_only))
     return 0
 
 
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--port", type=int, default=9000)
     m.add_argument("--latency-ms", type=float, default=0.0)
     m.add_argument("--api-key", default=None, help="require this bearer key")
+    m.add_argument("--shuffle", action="store_true", help="list answer items in reverse order (indexes stay right)")
+    m.add_argument("--floats-only", action="store_true", help="answer float arrays even when asked for base64")
     m.set_defaults(func=cmd_mock)
 
     c = sub.add_parser("check-config", help="validate the configuration offline")

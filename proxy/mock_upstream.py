@@ -29,6 +29,7 @@ MAX_REQUEST_TOKENS = 300_000  # tokens summed over a request's inputs
 MAX_BODY_BYTES = 64 * 1024 * 1024  # aiohttp's 1 MiB default is below what OpenAI's limits allow
 KEPT_BODIES = 100
 TIMEOUT_SLEEP = 60.0  # the "timeout" failure's stall; cut short when the app shuts down
+FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})  # anything else is refused
 FAIL_MODES = frozenset({"status", "disconnect", "timeout", "wrong_count", "wrong_dims", "nan", "garbage"})
 _JSON = "application/json"
 _MALFORMED = object()  # stands for a body that is not JSON
@@ -51,6 +52,7 @@ class MockSettings:
     latency_ms: float = 0.0  # added sleep per embeddings request
     token_skew: int = 0  # extra tokens reported in `usage` per input
     shuffle: bool = False  # return `data` in reversed order (indexes stay correct)
+    floats_only: bool = False  # answer float arrays even when asked for base64, as some compatible servers do
     models: dict[str, MockModel] = dataclasses.field(default_factory=_default_models)
 
 
@@ -146,6 +148,8 @@ def _parse_request(body: Any, models: dict[str, MockModel]) -> tuple[str, list[l
         raise _Invalid("We could not parse the JSON body of your request.")
     if not isinstance(body, dict):
         raise _Invalid("The request body must be a JSON object.")
+    if unknown := sorted(set(body) - FIELDS):
+        raise _Invalid(f"Unrecognized request argument supplied: {unknown[0]}")
     model, fmt, dims = body.get("model"), body.get("encoding_format"), body.get("dimensions")
     if not isinstance(model, str) or not model:
         raise _Invalid("You must provide a model parameter (a string).", "model")
@@ -233,7 +237,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         vectors = [v[:-1] for v in vectors]
     elif mode == "nan":
         vectors[0] = np.concatenate([np.array([np.nan], dtype=np.float32), vectors[0][1:]])
-    data = [_embedding_item(i, v, b64) for i, v in enumerate(vectors)]
+    data = [_embedding_item(i, v, b64 and not settings.floats_only) for i, v in enumerate(vectors)]
     if settings.shuffle:
         data.reverse()
     tokens = sum(map(len, ids)) + settings.token_skew * len(ids)

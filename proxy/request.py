@@ -15,7 +15,8 @@ import orjson
 from .config import ModelSettings
 from .errors import InvalidRequest, NotFound
 
-MAX_ITEMS = 2048
+MAX_ITEMS = 2048  # strings or token-id lists per request; one flat token-id array is one item
+MAX_TOKEN_ID = 2**32 - 1  # cache keys hash ids as uint32; larger ids are in no tokenizer's vocabulary
 _FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
 
 
@@ -46,9 +47,11 @@ def parse_inputs(value: Any, max_input_tokens: int) -> tuple[Literal["s", "t"], 
         raise _input_error("'input' must be a string, an array of strings, or an array of token arrays.")
     if not value:
         raise _input_error("'input' cannot be an empty array.")
+    first = value[0]
+    if _is_int(first):  # one flat array of token ids is one input: only the per-input token limit applies
+        return "t", [_token_ids(value, "input", max_input_tokens)]
     if len(value) > MAX_ITEMS:
         raise _input_error(f"'input' has {len(value)} items; at most {MAX_ITEMS} are allowed.")
-    first = value[0]
     if isinstance(first, str):
         if all(type(item) is str for item in value) and all(value):  # the common case, checked without a loop
             return "s", value
@@ -58,8 +61,6 @@ def parse_inputs(value: Any, max_input_tokens: int) -> tuple[Literal["s", "t"], 
             if not item:
                 raise _input_error(f"'input[{i}]' cannot be an empty string.")
         return "s", value
-    if _is_int(first):
-        return "t", [_token_ids(value, "input", max_input_tokens)]
     if isinstance(first, list):
         out: list[list[int]] = []
         for i, item in enumerate(value):
@@ -75,6 +76,8 @@ def _token_ids(ids: list[Any], where: str, max_input_tokens: int) -> list[int]:
         raise _input_error(f"'{where}' cannot be an empty array of tokens.")
     if not all(type(t) is int for t in ids) or min(ids) < 0:  # bool is refused: its type is not int
         raise _input_error(f"'{where}' must contain only non-negative integer token ids.")
+    if (top := max(ids)) > MAX_TOKEN_ID:  # ids within uint32 are checked against the vocabulary once counted
+        raise _input_error(f"'{where}' contains token id {top}, outside any model's vocabulary.")
     if len(ids) > max_input_tokens:
         raise _input_error(
             f"'{where}' has {len(ids)} tokens; this model's maximum input length is {max_input_tokens} tokens."

@@ -137,10 +137,12 @@ class UpstreamClient:
                     vectors, usage = parse_answer(raw, len(inputs), dims)
                     return UpstreamResult(vectors, split_usage(usage, local_counts) if usage else list(local_counts))
                 except _Retryable as exc:
+                    if attempt >= up.max_retries:
+                        raise exc.error from None
                     wait = exc.retry_after
-                    if wait is None:
+                    if wait is None:  # full jitter: uniform in [0, base * 2**attempt], capped
                         wait = self._rng.uniform(0, min(_MAX_BACKOFF_S, up.backoff_base_s * 2**attempt))
-                    if attempt >= up.max_retries or wait >= deadline - self._clock():
+                    if wait >= deadline - self._clock():  # no use waiting past the deadline: fail now
                         raise exc.error from None
                     attempt += 1
                     if self._on_retry is not None:
@@ -163,7 +165,7 @@ class UpstreamClient:
                 body = await resp.read()
                 if resp.status == 200:
                     return body
-                raise upstream_status_error(resp.status, body, parse_retry_after(resp.headers))
+                raise upstream_status_error(resp.status, body, parse_retry_after(resp.headers), secret=api_key)
         except TimeoutError:
             raise _Retryable(UpstreamTimeout("The upstream timed out.")) from None
         except aiohttp.ClientError as exc:
@@ -178,8 +180,11 @@ def _upstream_message(body: bytes) -> str:
     return message if isinstance(message, str) else ""
 
 
-def upstream_status_error(status: int, body: bytes, retry_after: float | None) -> Exception:
-    """The proxy error for a non-200 upstream answer, wrapped in _Retryable when another try may help."""
+def upstream_status_error(status: int, body: bytes, retry_after: float | None, *, secret: str = "") -> Exception:
+    """The proxy error for a non-200 upstream answer, wrapped in _Retryable when another try may help.
+
+    Only a 400's message reaches the client; `secret` (the upstream key) is cut out of it, should an upstream
+    or a gateway in between echo the request's credentials."""
     if status == 429:
         return _Retryable(RateLimited("The upstream is rate limiting requests.", retry_after=retry_after or 1.0),
                           retry_after)
@@ -191,6 +196,8 @@ def upstream_status_error(status: int, body: bytes, retry_after: float | None) -
         return UpstreamBadGateway("The upstream refused the proxy's credentials.")
     if status == 400:
         message = _upstream_message(body) or "The upstream refused the request."
+        if secret:
+            message = message.replace(secret, "[redacted]")
         return InvalidRequest(f"Upstream: {message}"[:500])
     return UpstreamBadGateway(f"The upstream answered with status {status}.")
 

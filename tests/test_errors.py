@@ -29,48 +29,96 @@ def assert_openai_error(body: Any, *, param: str | None = "__any__", code: str |
         assert err["code"] == code
 
 
-BAD_BODIES: list[tuple[str, Any, int, str | None]] = [
-    ("empty string", {"model": MODEL, "input": ""}, 400, "input"),
-    ("empty list", {"model": MODEL, "input": []}, 400, "input"),
-    ("object input", {"model": MODEL, "input": {}}, 400, "input"),
-    ("float in ids", {"model": MODEL, "input": [1.5]}, 400, "input"),
-    ("empty inner list", {"model": MODEL, "input": [[]]}, 400, "input"),
-    ("negative id", {"model": MODEL, "input": [-1]}, 400, "input"),
-    ("bool id", {"model": MODEL, "input": [True]}, 400, "input"),
-    ("id outside vocabulary", {"model": MODEL, "input": [100277]}, 400, "input"),
-    ("mixed strings and ids", {"model": MODEL, "input": ["a", 1]}, 400, "input"),
-    ("mixed ids and lists", {"model": MODEL, "input": [1, [2]]}, 400, "input"),
-    ("empty string in list", {"model": MODEL, "input": ["a", ""]}, 400, "input"),
-    ("too many items", {"model": MODEL, "input": ["x"] * 2049}, 400, "input"),
-    ("too many ids in one item", {"model": MODEL, "input": [1] * 8193}, 400, "input"),
-    ("too many tokens in one text", {"model": MODEL, "input": "hello " * 8200}, 400, "input"),
-    ("too many tokens in the request", {"model": MODEL, "input": ["hello " * 8000] * 38}, 400, "input"),
-    ("missing model", {"input": "x"}, 400, "model"),
-    ("model not a string", {"model": 3, "input": "x"}, 400, "model"),
-    ("unknown model", {"model": "gpt-embed-9", "input": "x"}, 404, "model"),
-    ("missing input", {"model": MODEL}, 400, "input"),
-    ("dimensions zero", {"model": MODEL, "input": "x", "dimensions": 0}, 400, "dimensions"),
-    ("dimensions too big", {"model": MODEL, "input": "x", "dimensions": 1537}, 400, "dimensions"),
-    ("dimensions not int", {"model": MODEL, "input": "x", "dimensions": "8"}, 400, "dimensions"),
-    ("dimensions on ada", {"model": ADA, "input": "x", "dimensions": 8}, 400, "dimensions"),
-    ("bad encoding", {"model": MODEL, "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
-    ("user not a string", {"model": MODEL, "input": "x", "user": 5}, 400, "user"),
-    ("unknown field", {"model": MODEL, "input": "x", "temperature": 1}, 400, "temperature"),
-    ("body is a list", ["x"], 400, None),
+INPUT = "invalid_input"
+# name, body, status, param, code, a fragment the message must contain (so a case cannot pass for another reason)
+BAD_BODIES: list[tuple[str, Any, int, str | None, str | None, str]] = [
+    ("empty string", {"model": MODEL, "input": ""}, 400, "input", INPUT, "empty string"),
+    ("empty list", {"model": MODEL, "input": []}, 400, "input", INPUT, "empty array"),
+    ("object input", {"model": MODEL, "input": {}}, 400, "input", INPUT, "must be a string"),
+    ("float in ids", {"model": MODEL, "input": [1.5]}, 400, "input", INPUT, "must be a string"),
+    ("float among ids", {"model": MODEL, "input": [1, 2.5]}, 400, "input", INPUT, "integer token ids"),
+    ("empty inner list", {"model": MODEL, "input": [[]]}, 400, "input", INPUT, "empty array of tokens"),
+    ("negative id", {"model": MODEL, "input": [-1]}, 400, "input", INPUT, "non-negative integer"),
+    ("bool id", {"model": MODEL, "input": [True]}, 400, "input", INPUT, "must be a string"),
+    ("id outside vocabulary", {"model": MODEL, "input": [100277]}, 400, "input", INPUT, "vocabulary of 100277"),
+    ("id of 2**32", {"model": MODEL, "input": [4294967296]}, 400, "input", INPUT, "4294967296"),
+    ("id of 2**32 in a list", {"model": MODEL, "input": [[1], [4294967296]]}, 400, "input", INPUT, "input[1]"),
+    ("id of 2**64-1", {"model": MODEL, "input": [18446744073709551615]}, 400, "input", INPUT, "vocabulary"),
+    ("id beyond 2**64", {"model": MODEL, "input": [2**70]}, 400, "input", INPUT, "must be a string"),
+    ("mixed strings and ids", {"model": MODEL, "input": ["a", 1]}, 400, "input", INPUT, "input[1]"),
+    ("mixed ids and lists", {"model": MODEL, "input": [1, [2]]}, 400, "input", INPUT, "integer token ids"),
+    ("empty string in list", {"model": MODEL, "input": ["a", ""]}, 400, "input", INPUT, "input[1]"),
+    ("too many items", {"model": MODEL, "input": ["x"] * 2049}, 400, "input", INPUT, "2049 items"),
+    ("too many token lists", {"model": MODEL, "input": [[1]] * 2049}, 400, "input", INPUT, "2049 items"),
+    ("too many ids in one item", {"model": MODEL, "input": [1] * 8193}, 400, "input", INPUT, "8193 tokens"),
+    ("too many ids in a listed item", {"model": MODEL, "input": [[1], [1] * 8193]}, 400, "input", INPUT,
+     "'input[1]' has 8193 tokens"),
+    ("too many tokens in one text", {"model": MODEL, "input": "hello " * 8200}, 400, "input", INPUT,
+     "8201 tokens"),
+    ("too many tokens in the request", {"model": MODEL, "input": ["hello " * 8000] * 38}, 400, "input", INPUT,
+     "304038 tokens; at most 300000"),
+    ("missing model", {"input": "x"}, 400, "model", None, "model"),
+    ("model not a string", {"model": 3, "input": "x"}, 400, "model", None, "model"),
+    ("unknown model", {"model": "gpt-embed-9", "input": "x"}, 404, "model", "model_not_found", "gpt-embed-9"),
+    ("missing input", {"model": MODEL}, 400, "input", None, "input parameter"),  # code null, as OpenAI
+    ("dimensions zero", {"model": MODEL, "input": "x", "dimensions": 0}, 400, "dimensions", None, "1 to 1536"),
+    ("dimensions too big", {"model": MODEL, "input": "x", "dimensions": 1537}, 400, "dimensions", None, "1536"),
+    ("dimensions not int", {"model": MODEL, "input": "x", "dimensions": "8"}, 400, "dimensions", None, "integer"),
+    ("dimensions on ada", {"model": ADA, "input": "x", "dimensions": 8}, 400, "dimensions", None, "not support"),
+    ("bad encoding", {"model": MODEL, "input": "x", "encoding_format": "hex"}, 400, "encoding_format", None,
+     "base64"),
+    ("user not a string", {"model": MODEL, "input": "x", "user": 5}, 400, "user", None, "string"),
+    ("unknown field", {"model": MODEL, "input": "x", "temperature": 1}, 400, "temperature", None,
+     "Unrecognized request argument supplied: temperature"),
+    ("body is a list", ["x"], 400, None, None, "JSON object"),
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "status", "param"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+@pytest.mark.parametrize(("name", "body", "status", "param", "code", "says"), BAD_BODIES,
+                         ids=[b[0] for b in BAD_BODIES])
 async def test_bad_requests_are_refused_before_upstream_and_cache(
     proxy: Proxy, upstream: Upstream, redis_server: RedisServer, name: str, body: Any, status: int,
-    param: str | None,
+    param: str | None, code: str | None, says: str,
 ) -> None:
     key = await proxy.new_key()
     resp = await proxy.embed(key, body)
     assert resp.status == status, await resp.text()
-    assert_openai_error(await resp.json(), param=param)
+    doc = await resp.json()
+    assert_openai_error(doc, param=param, code=code)
+    assert says in doc["error"]["message"]
+    await settle(proxy)  # a cache write, had there been one, would have landed by now
     assert upstream.state.requests == 0
     assert not redis_server.client().keys("ep:emb:*")
+
+
+async def test_one_flat_token_array_is_one_input_limited_by_tokens(proxy: Proxy, upstream: Upstream) -> None:
+    """A flat array of token ids is one input: the 2048-item limit does not apply, the 8192-token limit does."""
+    key = await proxy.new_key()
+    for body in ({"model": MODEL, "input": [1] * 8192}, {"model": MODEL, "input": [1820] * 3000}):
+        upstream.state.reset()
+        resp = await proxy.embed(key, body)
+        assert resp.status == 200, await resp.text()
+        doc = await resp.json()
+        n = len(body["input"])
+        assert doc["usage"]["prompt_tokens"] == doc["usage"]["total_tokens"] == n
+        assert [d["index"] for d in doc["data"]] == [0]
+        assert upstream.state.inputs == 1
+        assert_same_vectors(vectors(doc), vectors(await direct(upstream.base_url, body)))
+    resp = await proxy.embed(key, {"model": MODEL, "input": [[1] * 8192] * 2})  # token lists at the limit
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["usage"]["prompt_tokens"] == 2 * 8192
+
+
+async def test_token_ids_at_the_uint32_edge_reach_the_vocabulary_check(proxy: Proxy, upstream: Upstream) -> None:
+    key = await proxy.new_key()
+    resp = await proxy.embed(key, {"model": MODEL, "input": [[1], [2**32 - 1]]})
+    assert resp.status == 400
+    doc = await resp.json()
+    assert_openai_error(doc, param="input", code="invalid_input")
+    assert "vocabulary of 100277" in doc["error"]["message"]
+    resp = await proxy.embed(key, {"model": MODEL, "input": [100276, 0]})  # the last id of the vocabulary
+    assert resp.status == 200, await resp.text()
+    assert upstream.state.requests == 1
 
 
 async def test_malformed_json_and_oversized_body(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import aiohttp
@@ -181,11 +182,33 @@ async def test_shuffle_reverses_items_and_keeps_indexes(aiohttp_client: Any) -> 
         assert np.array_equal(np.asarray(item["embedding"], dtype=np.float32), plain[item["index"]])
 
 
-async def test_extra_fields_user_and_null_options_are_accepted(aiohttp_client: Any) -> None:
+async def test_user_and_null_options_are_accepted(aiohttp_client: Any) -> None:
     client = await make_client(aiohttp_client)
-    doc = await embed(client, {"input": "x", "model": SMALL, "user": "user-1234", "whatever": {"a": 1},
-                               "dimensions": None, "encoding_format": None})
+    doc = await embed(client, {"input": "x", "model": SMALL, "user": "user-1234", "dimensions": None,
+                               "encoding_format": None})
     assert len(doc["data"][0]["embedding"]) == 1536
+
+
+async def test_unknown_fields_are_refused_as_openai_does(aiohttp_client: Any) -> None:
+    client = await make_client(aiohttp_client)
+    for extra in ({"whatever": {"a": 1}}, {"temperature": 0}, {"zz": 1, "aa": None}):
+        resp = await client.post("/v1/embeddings", json={"input": "x", "model": SMALL, **extra})
+        assert resp.status == 400
+        err = (await resp.json())["error"]
+        assert err == {"message": f"Unrecognized request argument supplied: {min(extra)}",
+                       "type": "invalid_request_error", "param": None, "code": None}
+    assert client.server.app[MOCK_STATE].requests == 3
+
+
+async def test_floats_only_answers_floats_when_asked_for_base64(aiohttp_client: Any) -> None:
+    body = {"input": ["one", "two"], "model": LARGE, "dimensions": 100}
+    expected = vectors(await embed(await make_client(aiohttp_client), body))
+    client = await make_client(aiohttp_client, floats_only=True)
+    doc = await embed(client, {**body, "encoding_format": "base64"})
+    assert all(isinstance(d["embedding"], list) for d in doc["data"])
+    assert [d["index"] for d in doc["data"]] == [0, 1]
+    for got, want in zip(vectors(doc), expected, strict=True):
+        assert np.array_equal(got, want)
 
 
 async def test_models_list(aiohttp_client: Any) -> None:
@@ -242,6 +265,7 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("dimensions too big", {"input": "x", "model": SMALL, "dimensions": 1537}, 400, "dimensions", None),
     ("dimensions on ada", {"input": "x", "model": ADA, "dimensions": 256}, 400, "dimensions", None),
     ("user not a string", {"input": "x", "model": SMALL, "user": 12}, 400, "user", None),
+    ("unknown field", {"input": "x", "model": SMALL, "temperature": 1}, 400, None, None),
 ]
 
 
@@ -475,6 +499,27 @@ async def test_serve_mock_on_a_real_port() -> None:
     finally:
         await runner.cleanup()
     assert np.array_equal(vectors(doc)[0], vector_for(SMALL, HELLO_IDS, 1536, None))
+
+
+def test_cli_shuffle_and_floats_only_flags() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port), "--shuffle", "--floats-only"]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"mock upstream listening on http://127.0.0.1:{port}/v1"
+        body = json.dumps({"input": ["a", "b", "c"], "model": SMALL, "encoding_format": "base64"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                doc = json.loads(resp.read())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert [d["index"] for d in doc["data"]] == [2, 1, 0]
+    assert all(isinstance(d["embedding"], list) and len(d["embedding"]) == 1536 for d in doc["data"])
 
 
 def test_run_prints_its_address_and_serves() -> None:

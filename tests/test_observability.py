@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -106,6 +108,48 @@ async def test_access_log_flushes_on_its_interval() -> None:
         await asyncio.sleep(0.01)
     task.cancel()
     assert stream.getvalue() == b"{}\n"
+
+async def test_upstream_key_is_in_no_log_line_and_no_response(
+    make_proxy: Any, upstream: Upstream, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retries, every failure mode and refused credentials, with every logger at DEBUG."""
+    caplog.set_level(logging.DEBUG)  # the root: proxy.* and every library logger that propagates
+    settings = make_settings(upstream.base_url, redis_url)
+    ups = dict(settings.upstreams)
+    ups["default"] = dataclasses.replace(ups["default"], deadline_s=1.5, attempt_timeout_s=0.3, max_retries=2)
+    proxy = await make_proxy(dataclasses.replace(settings, upstreams=ups))
+    key = await proxy.new_key("search")
+    seen: list[str] = []
+
+    async def call(inputs: list[str], expected: int) -> None:
+        resp = await proxy.embed(key, {"model": MODEL, "input": inputs})
+        assert resp.status == expected, await resp.text()
+        seen.append(f"{resp.status} {dict(resp.headers)} {await resp.text()}")
+
+    upstream.state.fail_next("status", times=2, status=503, retry_after=0.01)
+    await call(["retried"], 200)
+    for n, (mode, status, expected) in enumerate([
+        ("status", 500, 502), ("status", 429, 429), ("status", 400, 400), ("status", 401, 502),
+        ("disconnect", 500, 502), ("garbage", 500, 502), ("nan", 500, 502), ("timeout", 500, 504),
+    ]):
+        upstream.state.reset()
+        upstream.state.fail_next(mode, times=3, status=status)
+        await call([f"failing {n}"], expected)
+        assert upstream.state.last_authorization == f"Bearer {UPSTREAM_KEY}"  # the key was sent each time
+    upstream.state.reset()
+    upstream.settings.api_key = "sk-some-other-key"  # the upstream now refuses the proxy's credentials
+    await call(["refused"], 502)
+    for path in ("/metrics", "/readyz", "/healthz"):
+        resp = await proxy.client.get(path)
+        seen.append(await resp.text())
+    await settle(proxy)
+
+    assert any(r.name == "proxy.upstream" and "retrying" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)  # DEBUG really was captured
+    for record in caplog.records:
+        assert UPSTREAM_KEY not in record.getMessage(), record.name
+    assert UPSTREAM_KEY not in caplog.text  # formatted lines, tracebacks included
+    assert all(UPSTREAM_KEY not in text for text in seen)
 
 
 async def test_in_process_metrics(proxy: Proxy) -> None:

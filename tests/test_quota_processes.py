@@ -34,7 +34,9 @@ def start_proxy(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def two_proxies(tmp_path: Path, redis_url: str, upstream: Upstream) -> Iterator[list[str]]:
     config = tmp_path / "proxy.toml"
-    config.write_text(f"[teams.burst]\ntpm = {TPM}\n")
+    # A generous Redis timeout: on a loaded machine a slow call would otherwise count as Redis being down, and
+    # then keys not yet verified get 503 and quotas fall back to per-process counting (not what this tests).
+    config.write_text(f"[teams.burst]\ntpm = {TPM}\n[redis]\nsocket_timeout_s = 5.0\n")
     env = {**os.environ, "PROXY_CONFIG": str(config), "REDIS_URL": redis_url,
            "UPSTREAM_BASE_URL": upstream.base_url, "UPSTREAM_API_KEY": UPSTREAM_KEY}
     ports = [free_port(), free_port()]

@@ -94,6 +94,23 @@ def test_parse_request_forms() -> None:
     assert (r.kind, r.inputs, r.encoding_format) == ("t", [[1, 2, 3]], "base64")
     r = parse_request(b'{"model":"text-embedding-3-large","input":[[1],[2,3]],"dimensions":3072}', MODELS)
     assert (r.kind, r.inputs, r.dimensions) == ("t", [[1], [2, 3]], 3072)
+    r = parse_request(b'{"model":"text-embedding-3-small","input":[' + b",".join([b"1820"] * 3000) + b"]}", MODELS)
+    assert (r.kind, len(r.inputs), len(r.inputs[0])) == ("t", 1, 3000)  # one flat array is one input
+    r = parse_request(b'{"model":"text-embedding-3-small","input":[4294967295]}', MODELS)
+    assert r.inputs == [[2**32 - 1]]  # within uint32: the vocabulary check comes once the cache has been asked
+
+
+@pytest.mark.parametrize(
+    ("ids", "says"),
+    [("[" + ",".join(["1"] * 8193) + "]", "'input' has 8193 tokens"),
+     ("[" + ",".join(["[1]"] * 2049) + "]", "'input' has 2049 items"),
+     ("[4294967296]", "token id 4294967296"),
+     ("[[1],[0,18446744073709551615]]", "'input[1]' contains token id 18446744073709551615")],
+)
+def test_parse_request_limits_items_tokens_and_id_range(ids: str, says: str) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        parse_request(b'{"model":"text-embedding-3-small","input":' + ids.encode() + b"}", MODELS)
+    assert says in exc.value.message and exc.value.code == "invalid_input"
 
 
 @pytest.mark.parametrize(
