@@ -163,7 +163,7 @@ async def embeddings(request: web.Request) -> web.Response:
         prompt_tokens=outcome.prompt_tokens, billed_tokens=outcome.billed_tokens,
         price_per_million_tokens=settings.models[req.model].price_per_million_tokens,
     )
-    resp = web.Response(body=render(req, outcome), content_type="application/json")
+    resp = web.Response(body=render(req, outcome, app[SERVICE].local_cache), content_type="application/json")
     resp.headers["x-cache"] = outcome.cache
     if outcome.ticket is not None:
         resp.headers.update(outcome.ticket.headers)

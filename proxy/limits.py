@@ -34,7 +34,12 @@ class Limits:
 
     def items(self) -> list[tuple[str, int]]:
         """The limits that are set, as (name, value)."""
-        return [(f.name, v) for f in fields(self) if (v := getattr(self, f.name)) is not None]
+        return [(name, v) for name in LIMIT_WINDOWS if (v := getattr(self, name)) is not None]
+
+    def __bool__(self) -> bool:
+        """Whether any limit is set (checked on every request: no loop over dataclass fields)."""
+        return not (self.rpm is None and self.tpm is None and self.tokens_per_day is None
+                    and self.tokens_per_month is None)
 
     def to_dict(self) -> dict[str, int | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -203,9 +203,12 @@ class Quotas:
 
     async def ticket(self, key: KeyRecord) -> Ticket | None:
         """A ticket for one request of `key`, or None when neither the key nor its team has limits."""
+        team_limits = await self._teams.limits(key.team)
+        if not team_limits and not key.limits:
+            return None
         now = self._clock()
-        counters = self.counters(key, await self._teams.limits(key.team), now)
-        return Ticket(self, key, counters, now, self._settings.count == "all") if counters else None
+        counters = self.counters(key, team_limits, now)
+        return Ticket(self, key, counters, now, self._settings.count == "all")
 
     async def charge(self, keys: list[str], args: list[Any]) -> Any:
         return await self._run(self._charge, keys, args)

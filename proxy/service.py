@@ -49,6 +49,7 @@ class Outcome:
     upstream_inputs: int  # unique inputs this request sent upstream
     cache_bypassed: bool
     ticket: Ticket | None = None  # the quota reservation, when the key or its team has limits
+    keys: Sequence[str] = ()  # the cache key of each entry
 
     @property
     def cached_tokens(self) -> int:
@@ -140,14 +141,18 @@ class EmbeddingService:
         keys = list(unique)
         trace.inputs = len(positions)
 
+        m = self._metrics
         found: list[Entry | None] = [None] * len(keys)
-        local_hits = 0
         if self._local is not None and cacheable:
             get = self._local.get
+            local_hits = 0
             for i, k in enumerate(keys):
                 found[i] = e = get(k)
                 if e is not None:
                     local_hits += 1
+            if local_hits:
+                m.child(m.cache_lookups, "hit").inc(local_hits)
+                m.local_hits.inc(local_hits)
         inflight = self._inflight
         epoch = inflight.epoch()  # before the cache read: what is released after it may need a second look
         lookup = [i for i, e in enumerate(found) if e is None and keys[i] not in inflight]
@@ -159,24 +164,16 @@ class EmbeddingService:
                 quota_reply = await self._read(keys, lookup, found, dims, also)
             except StoreUnavailable:
                 bypassed = True
+                m.child(m.cache_lookups, "error").inc(len(lookup))
         misses = [i for i, e in enumerate(found) if e is None]
-        m = self._metrics
-        if bypassed:
-            m.child(m.cache_lookups, "error").inc(len(lookup))
-            m.child(m.cache_lookups, "hit").inc(local_hits)
-        else:
-            read_misses = sum(1 for i in lookup if found[i] is None)
-            m.child(m.cache_lookups, "hit").inc(len(keys) - len(misses))
-            m.child(m.cache_lookups, "miss").inc(read_misses)
-        if local_hits:
-            m.local_hits.inc(local_hits)
 
         if ticket is not None:
             await ticket.charge_request(quota_reply)
         counts = [e.tokens if e is not None else 0 for e in found]
         try:
-            for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
-                counts[i] = n
+            if misses:
+                for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
+                    counts[i] = n
             self._check_limits(spec, counts, positions)
         except InvalidRequest:
             if ticket is not None:
@@ -220,7 +217,7 @@ class EmbeddingService:
             await ticket.settle(prompt if ticket.counts_all else billed)
         trace.prompt_tokens, trace.cached_tokens = prompt, prompt - billed
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket)
+        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket, keys)
 
     async def _read(
         self, keys: list[str], lookup: list[int], found: list[Entry | None], dims: int,
@@ -229,11 +226,18 @@ class EmbeddingService:
         """Fill `found` at `lookup` from Redis (admitting hits to the local tier); returns `also`'s reply."""
         got, extra = await self._cache.get_many([keys[i] for i in lookup], dims, also)
         local = self._local
+        hits = 0
         for i, entry in zip(lookup, got, strict=True):
             if entry is not None:
+                hits += 1
                 found[i] = entry
                 if local is not None:
                     local.put(keys[i], entry)
+        m = self._metrics
+        if hits:
+            m.child(m.cache_lookups, "hit").inc(hits)
+        if hits < len(lookup):
+            m.child(m.cache_lookups, "miss").inc(len(lookup) - hits)
         return extra[0] if extra else None
 
     async def _settle_misses(
@@ -254,6 +258,7 @@ class EmbeddingService:
                     await self._read(keys, landed, found, dims)
                 except StoreUnavailable:
                     readable = False
+                    self._metrics.child(self._metrics.cache_lookups, "error").inc(len(landed))
                 misses = [i for i in misses if found[i] is None]
                 continue
             if ticket is not None and not ticket.counts_all:

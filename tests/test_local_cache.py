@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,6 +48,21 @@ def test_lru_by_bytes() -> None:
     tiny = LocalCache(max_bytes=100, ttl_s=60)
     tiny.put("big", entry())  # larger than the whole tier: not admitted
     assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_rendered_text_counts_in_the_budget() -> None:
+    one = len(entry().vector) + 200
+    cache = LocalCache(max_bytes=2 * one + 1000, ttl_s=60)
+    cache.put("a", entry())
+    cache.put("b", entry())
+    cache.keep_rendered("zzz", b"x" * 10)  # not held: nothing kept
+    assert cache.bytes == 2 * one and cache.rendered("zzz") is None
+    cache.keep_rendered("b", b"x" * 900)
+    assert cache.rendered("b") == b"x" * 900 and cache.bytes == 2 * one + 900
+    cache.keep_rendered("b", b"y")  # the first text stays
+    assert cache.rendered("b") == b"x" * 900
+    cache.keep_rendered("a", b"x" * 900)  # over budget: the least recently used entry goes, text and all
+    assert cache.get("a") is None and cache.rendered("b") == b"x" * 900 and cache.bytes == one + 900
 
 
 def test_ttl_with_a_pinned_clock() -> None:
@@ -143,3 +159,20 @@ async def test_local_entries_answer_while_redis_hangs(make_proxy: Any, upstream:
         assert resp.status == 200 and resp.headers["x-cache"] == "hit"
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.redis
+async def test_hot_float_answers_are_formatted_once(proxy: Proxy, upstream: Upstream) -> None:
+    key = await proxy.new_key()
+    body = {"model": MODEL, "input": ["f1", "f2", "f1"]}
+    for _ in range(2):  # miss, then a Redis hit that admits both entries
+        assert (await proxy.embed(key, body)).status == 200
+        await settle(proxy)
+    first = await (await proxy.embed(key, body)).read()  # formats and keeps the texts
+    local = proxy.app[SERVICE].local_cache
+    assert local is not None
+    kept = [k for k in list(local._entries) if local.rendered(k) is not None]
+    assert len(kept) == 2
+    again = await (await proxy.embed(key, body)).read()
+    assert again == first
+    assert_same_vectors(vectors(orjson.loads(again)), vectors(await direct(upstream.base_url, body)))

@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 
 from proxy.cache import EmbeddingCache, Entry
+from proxy.localcache import LocalCache
 from proxy.rediskeys import RedisKeys
 from proxy.request import EmbeddingRequest
 from proxy.response import render
@@ -36,6 +37,32 @@ def test_base64_body_is_byte_identical_to_orjson() -> None:
                   "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens}},
     })
     assert render(req, outcome) == expected
+
+
+def test_float_body_is_byte_identical_to_orjson_and_kept_for_hot_entries() -> None:
+    rng = np.random.default_rng(4)
+    raw = [rng.standard_normal(dims, dtype=np.float32).tobytes() for dims in (1536, 7)]
+    vectors: list[bytes | memoryview] = [memoryview(b"\x05\x00\x00\x00" + raw[0])[4:], raw[1]]
+    entries = [Entry(v, 3 + i) for i, v in enumerate(vectors)]
+    outcome = Outcome(entries, [1, 0, 1], 9, 3, "partial", 1, 1, False, None, ["k0", "k1"])
+    req = EmbeddingRequest("m", "s", ["b", "a", "b"], "float", None, None)
+    expected = orjson.dumps({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": np.frombuffer(bytes(vectors[u]), dtype="<f4")}
+                 for i, u in enumerate(outcome.positions)],
+        "model": "m",
+        "usage": {"prompt_tokens": 9, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 6}},
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert render(req, outcome) == expected
+    local = LocalCache(max_bytes=1 << 20, ttl_s=60)
+    local.put("k0", entries[0])  # only k0 is held in process
+    before = local.bytes
+    assert render(req, outcome, local) == expected
+    text = local.rendered("k0")
+    assert text is not None and orjson.loads(text) == orjson.loads(orjson.dumps(np.frombuffer(raw[0], "<f4"),
+                                                                                option=orjson.OPT_SERIALIZE_NUMPY))
+    assert local.rendered("k1") is None and local.bytes == before + len(text)
+    assert render(req, outcome, local) == expected  # from the kept text
 
 
 def test_float_body_round_trips_float32_exactly() -> None:
