@@ -39,7 +39,8 @@ async def _with_store(settings: Settings, fn: Callable[[Store, RedisKeys], Await
         print("error: this command needs REDIS_URL (the embedded store lives inside one serve process)",
               file=sys.stderr)
         return 2
-    redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=5.0)
+    # Every call here is operator work, as patient as the admin API's (operator_timeout_s).
+    redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=settings.redis.operator_timeout_s)
     client, _ = connect(redis_settings)
     store = Store(client, redis_settings)
     try:
