@@ -6,7 +6,8 @@
     GET  /admin/keys/{id}                 one record
     PATCH /admin/keys/{id}                {rpm?, tpm?, tokens_per_day?, tokens_per_month?}: 0 or null clears
     POST /admin/keys/{id}/revoke          revoked at once on every instance
-    POST /admin/keys/{id}/rotate          {grace_s?}: a new key; the old one lives on for grace_s (default 86400)
+    POST /admin/keys/{id}/rotate          {grace_s?}: a new key; the old one lives on for grace_s (default 86400);
+                                          409 for a revoked or expired key
     GET  /admin/teams                     every team with its limits and where they come from
     GET  /admin/teams/{team}              one team's limits in force
     PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)

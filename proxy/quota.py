@@ -184,7 +184,8 @@ class Quotas:
 
     def counters(self, key: KeyRecord, team_limits: Limits, now: float) -> list[Counter]:
         out = []
-        for scope, key_id, limits in (("team", None, team_limits), ("key", key.id, key.limits)):
+        # A key's own counters are keyed by its quota identity: a rotated key spends its predecessor's allowance.
+        for scope, key_id, limits in (("team", None, team_limits), ("key", key.quota_id, key.limits)):
             for name, value in limits.items():
                 metric, kind = LIMIT_WINDOWS[name]
                 win, resets_at = window(kind, now)

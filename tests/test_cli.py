@@ -116,6 +116,11 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     for h in (headers, new_headers):  # both work during the grace period
         assert (await proxy.client.post("/v1/embeddings", json=body, headers=h)).status == 200
     assert cli(redis_url, "keys", "rotate", "key_nope").returncode == 1
+    old_revoked = cli(redis_url, "keys", "revoke", doc["id"])
+    assert old_revoked.returncode == 0, old_revoked.stderr
+    refused = cli(redis_url, "keys", "rotate", doc["id"])
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"Key {doc['id']} is revoked: it cannot be rotated" in refused.stderr
 
     await proxy.client.close()  # flushes the usage ledger
     usage = cli(redis_url, "usage", "--team", "ads", "--by", "key", "--format", "json")
@@ -124,6 +129,7 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     by_key = {r["key"]: r["requests"] for r in rows}
     assert len(by_key) == 2 and by_key[doc["id"]] == 3  # the old key 3, its replacement 1
     assert sum(r["total_tokens"] for r in rows) == 4 * 3
+    assert by_key[doc["id"]] + next(v for k, v in by_key.items() if k != doc["id"]) == 4
     csv_out = cli(redis_url, "usage", "--format", "csv").stdout.splitlines()
     assert csv_out[0] == "team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd"
     assert csv_out[1].startswith("ads,4,3,9,12,")

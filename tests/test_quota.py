@@ -222,3 +222,17 @@ async def test_redis_down_fail_open_keeps_limits_per_process_fail_closed_refuses
         await admit(opened.quotas, k, 0, 0)  # still enforced, in this process
     with pytest.raises(ServiceUnavailable):
         await admit(closed.quotas, k, 0, 0)
+
+async def test_a_rotated_key_spends_its_predecessors_allowance(env: Any) -> None:
+    e: Env = await env()
+    old = key(kid="key_old", rpm=2)
+    new = KeyRecord("key_new", "search", limits=Limits(rpm=2), lineage="key_old")  # what rotation writes
+    first = await admit(e.quotas, old, 0, 0)
+    assert first.counters[0].key == f"ep:q:{{search}}:k.key_old:req:m{T0 // 60}"
+    assert (await admit(e.quotas, new, 0, 0)).headers["x-ratelimit-remaining-requests"] == "0"
+    for k in (new, old):  # one allowance for both during the grace period, not one each
+        with pytest.raises(RateLimited):
+            await admit(e.quotas, k, 0, 0)
+    legacy = key(kid="key_legacy", rpm=1)  # a record without a lineage counts under its own id
+    assert (await admit(e.quotas, legacy, 0, 0)).counters[0].key.endswith(":k.key_legacy:req:" + f"m{T0 // 60}")
+

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from proxy.app import KEYSTORE, LEDGER, STORE
-from proxy.keys import hash_key
+from proxy.keys import KeyStore, hash_key
 from proxy.limits import Limits
+from proxy.rediskeys import RedisKeys
 from proxy.usage import day_of
 from tests.conftest import Proxy, Upstream, make_settings, settle
 
@@ -118,18 +119,26 @@ async def test_model_allow_list_expiry_and_rotation_grace(make_proxy: Any, upstr
     gone = await p.embed(expired, {"model": MODEL, "input": "x"})
     assert gone.status == 401 and (await gone.json())["error"]["code"] == "api_key_expired"
 
-    old, record = await ks.create("search", name="svc", limits=Limits(rpm=50))
-    rotated = await ks.rotate(record.id, grace_s=0.6)
+    old, record = await ks.create("search", name="svc", limits=Limits(rpm=3))
+    rotated = await ks.rotate(record.id, grace_s=3600)
     assert rotated is not None
     new, new_record, old_record = rotated
-    assert new_record.team == "search" and new_record.name == "svc" and new_record.limits == Limits(rpm=50)
-    assert old_record.expires_at is not None and old_record.expires_at <= time.time() + 0.6
-    for k in (old, new):  # both work during the grace period
+    assert new_record.team == "search" and new_record.name == "svc" and new_record.limits == Limits(rpm=3)
+    assert old_record.expires_at is None and old_record.grace_until is not None  # its own expiry is kept
+    for k in (old, new):  # both work during the grace period, on one allowance: the key's rpm of 3
         assert (await p.embed(k, {"model": MODEL, "input": "x"})).status == 200
-    await asyncio.sleep(0.7)
-    after = await p.embed(old, {"model": MODEL, "input": "x"})
-    assert after.status == 401 and (await after.json())["error"]["code"] == "api_key_expired"
     assert (await p.embed(new, {"model": MODEL, "input": "x"})).status == 200
+    for k in (old, new):
+        assert (await p.embed(k, {"model": MODEL, "input": "x"})).status == 429
+
+    # A grace period that is over (rotated on a clock an hour behind): the old key is refused, the new one works.
+    late = KeyStore(p.app[STORE], RedisKeys("ep"), clock=lambda: time.time() - 3600)
+    old2, record2 = await ks.create("search")
+    rotated2 = await late.rotate(record2.id, grace_s=60)
+    assert rotated2 is not None
+    after = await p.embed(old2, {"model": MODEL, "input": "x"})
+    assert after.status == 401 and (await after.json())["error"]["code"] == "api_key_expired"
+    assert (await p.embed(rotated2[0], {"model": MODEL, "input": "x"})).status == 200
 
 
 async def test_admin_api_authentication(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:
@@ -178,10 +187,21 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     rotated = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
     assert rotated.status == 201
     new = await rotated.json()
-    assert new["key"] != key and new["previous"]["id"] == key_id and new["previous"]["expires_at"] <= time.time() + 60
+    assert new["key"] != key and new["previous"]["id"] == key_id and new["previous"]["grace_until"] <= time.time() + 60
+    assert new["expires_at"] == doc["expires_at"] == new["previous"]["expires_at"]  # the key's own expiry
+    assert new["lineage"] == key_id == new["previous"]["lineage"]
+    again = await (await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})).json()
+    assert again["expires_at"] == doc["expires_at"]  # a second rotation: still the original expiry
     revoked = await admin(p, "POST", f"/admin/keys/{key_id}/revoke")
     assert (await revoked.json())["revoked"] is True
     assert (await p.embed(key, {"model": MODEL, "input": "a"})).status == 401
+    refused = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
+    assert refused.status == 409
+    assert_openai_error(await refused.json(), "invalid_request_error", "key_revoked")
+    _, lapsed_record = await p.app[KEYSTORE].create("ads", expires_at=time.time() - 1)
+    refused = await admin(p, "POST", f"/admin/keys/{lapsed_record.id}/rotate")
+    assert refused.status == 409
+    assert_openai_error(await refused.json(), "invalid_request_error", "key_expired")
 
     for bad in ({"team": "Bad Team"}, {"team": "ads", "rpm": -1}, {"team": "ads", "color": "red"},
                 {"team": "ads", "models": ["nope"]}, {}):
