@@ -86,6 +86,12 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class TokensRateLimited(RateLimited):
+    """Over a tokens-per-minute limit: OpenAI's error type is then `tokens`."""
+
+    type = "tokens"
+
+
 class QuotaExceeded(ProxyError):
     status = 429
     type = "insufficient_quota"

@@ -58,10 +58,32 @@ async def test_requests_per_minute_429_shape_and_headers(make_proxy: Any, upstre
     assert_openai_error(await refused.json(), "requests", "rate_limit_exceeded")
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "1000"  # the other side too, as OpenAI sends both
+    assert refused.headers["x-ratelimit-remaining-tokens"] == ok.headers["x-ratelimit-remaining-tokens"]
+    assert refused.headers["x-ratelimit-reset-tokens"].endswith("s")
     assert refused.headers["x-request-id"]
     assert upstream.state.requests == 0  # nothing went upstream
     other = await p.new_key("ads")  # another team is not affected
     assert (await p.embed(other, {"model": MODEL, "input": "hello"})).status == 200
+
+
+async def test_tokens_per_minute_429_has_type_tokens_and_both_headers(
+    make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    p = await make(make_proxy, upstream, redis_url, "[teams.search]\nrpm = 10\ntpm = 5\n")
+    key = await p.new_key("search")
+    assert (await p.embed(key, {"model": MODEL, "input": "one two three"})).status == 200
+    refused = await p.embed(key, {"model": MODEL, "input": "four five six"})
+    assert refused.status == 429
+    body = await refused.json()
+    assert_openai_error(body, "tokens", "rate_limit_exceeded")
+    assert "limit 5, used 3, requested 3" in body["error"]["message"]
+    assert {h: refused.headers[h] for h in ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                                            "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests")} == {
+        "x-ratelimit-limit-tokens": "5", "x-ratelimit-remaining-tokens": "2",
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",  # the refused one took no slot
+    }
+    assert refused.headers["x-ratelimit-reset-requests"] == refused.headers["x-ratelimit-reset-tokens"]
 
 
 async def test_day_budget_is_insufficient_quota_and_cache_hits_are_free(
