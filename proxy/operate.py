@@ -198,7 +198,8 @@ def parse_count(text: str) -> int:
 
 
 def add_limit_flags(p: argparse.ArgumentParser, clearing: bool) -> None:
-    hint = " (0: unlimited)" if clearing else ""
+    # 0 means unlimited everywhere (as in the admin API): say so, whether it clears a limit or sets none.
+    hint = " (0: unlimited, clears it)" if clearing else " (0 or omitted: unlimited)"
     p.add_argument("--rpm", type=parse_count, help="requests per minute" + hint)
     p.add_argument("--tpm", type=parse_count, help="tokens per minute" + hint)
     p.add_argument("--tokens-per-day", type=parse_count, help="tokens per UTC day" + hint)

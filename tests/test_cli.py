@@ -64,6 +64,11 @@ async def test_keys_create_list_revoke(make_proxy: Any, upstream: Upstream, redi
     assert cli(redis_url, "keys", "create", "--team", "Bad Team!").returncode == 2
 
 
+def test_limit_flags_say_that_zero_means_unlimited() -> None:
+    done = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and " ".join(done.stdout.split()).count("(0 or omitted: unlimited)") == 4
+
+
 def test_keys_need_redis() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROXY_CONFIG")}
     done = subprocess.run([sys.executable, "-m", "proxy", "keys", "list"], env=env, capture_output=True, text=True)
