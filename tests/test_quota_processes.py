@@ -26,21 +26,25 @@ TPM = 1000
 USED = re.compile(r"on tokens per minute: limit 1000, used (\d+), requested (\d+)\.")
 
 
-def start_proxy(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port",
-         str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+def start_proxy(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # stderr goes to a file: a pipe nobody reads fills up under a burst of warnings and freezes the proxy.
+    with open(log, "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port",
+             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )
 
 
 @pytest.fixture
 def two_proxies(tmp_path: Path, redis_url: str, upstream: Upstream) -> Iterator[list[str]]:
     config = tmp_path / "proxy.toml"
-    config.write_text(f"[teams.burst]\ntpm = {TPM}\n")
+    # What is tested needs Redis answering: on a loaded machine a 0.25 s call limit would switch the processes to
+    # their in-process fallback limits (each then admits the whole budget alone, as documented).
+    config.write_text(f"[redis]\nsocket_timeout_s = 5.0\n[teams.burst]\ntpm = {TPM}\n")
     env = {**os.environ, "PROXY_CONFIG": str(config), "REDIS_URL": redis_url,
            "UPSTREAM_BASE_URL": upstream.base_url, "UPSTREAM_API_KEY": UPSTREAM_KEY}
     ports = [free_port(), free_port()]
-    procs = [start_proxy(port, env) for port in ports]
+    procs = [start_proxy(port, env, tmp_path / f"proxy-{port}.log") for port in ports]
     yield [f"http://127.0.0.1:{port}" for port in ports]
     for proc in procs:
         proc.terminate()
