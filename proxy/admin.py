@@ -6,13 +6,15 @@
     GET  /admin/keys/{id}                 one record
     PATCH /admin/keys/{id}                {rpm?, tpm?, tokens_per_day?, tokens_per_month?}: 0 or null clears
     POST /admin/keys/{id}/revoke          revoked at once on every instance
-    POST /admin/keys/{id}/rotate          {grace_s?}: a new key; the old one lives on for grace_s (default 86400)
+    POST /admin/keys/{id}/rotate          {grace_s?}: a new key; the old one lives on for grace_s (default 86400);
+                                          409 for a revoked or expired key
     GET  /admin/teams                     every team with its limits and where they come from
     GET  /admin/teams/{team}              one team's limits in force
     PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)
     GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
 
-Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403).
+Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
+behind these routes make operator calls (`redis.operator_timeout_s`, never marking Redis down for requests).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ async def list_teams(request: web.Request) -> web.Response:
 
 async def show_team(request: web.Request) -> web.Response:
     team = request.match_info["team"]
-    return _json({"team": team, "limits": (await request.app[TEAMS].limits(team)).to_dict()})
+    return _json({"team": team, "limits": (await request.app[TEAMS].in_force(team)).to_dict()})
 
 
 async def set_team(request: web.Request) -> web.Response:

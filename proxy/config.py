@@ -100,6 +100,9 @@ class RedisSettings:
     url: str = ""
     # A Redis call slower than this counts as a failure: the request carries on without the cache.
     socket_timeout_s: float = 0.25
+    # Operator work (admin API, CLI, usage reports, ledger flushes) may take this long per Redis call; a slower
+    # one fails that operation alone (admin 503, CLI error, flush retried later); the hot path is not affected.
+    operator_timeout_s: float = 5.0
     # After a failure, Redis is left alone for this long (requests bypass the cache), then tried again.
     retry_interval_s: float = 1.0
     max_connections: int = 200

@@ -66,6 +66,14 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class KeyNotActive(ProxyError):
+    """An operation that needs a working key (rotation) was asked of a revoked or expired one."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "key_not_active"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -76,6 +84,12 @@ class RateLimited(ProxyError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+
+class TokensRateLimited(RateLimited):
+    """Over a tokens-per-minute limit: OpenAI's error type is then `tokens`."""
+
+    type = "tokens"
 
 
 class QuotaExceeded(ProxyError):

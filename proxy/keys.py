@@ -14,11 +14,11 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from .errors import AuthenticationFailed, KeyNotActive, PermissionDenied, ServiceUnavailable
 from .limits import UNLIMITED, Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
@@ -26,6 +26,7 @@ from .store import Store, StoreUnavailable
 log = logging.getLogger("proxy.keys")
 KEY_PREFIX = "sk-gateway-"
 _KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
+T = TypeVar("T")
 
 
 def generate_key() -> str:
@@ -46,10 +47,26 @@ class KeyRecord:
     team: str
     name: str = ""
     created_at: float = 0.0
-    expires_at: float | None = None
+    expires_at: float | None = None  # the key's own expiry; a replacement key inherits it
     revoked: bool = False
     models: tuple[str, ...] = field(default=())  # empty: every configured model
     limits: Limits = field(default=UNLIMITED)  # the key's own quotas, on top of its team's
+    grace_until: float | None = None  # set when the key was rotated: the end of its grace period
+    lineage: str = ""  # id of the first key of a rotation chain; empty: this key's own id
+
+    @property
+    def quota_id(self) -> str:
+        """Whose per-key quota counters this key spends: rotated keys share their predecessor's."""
+        return self.lineage or self.id
+
+    @property
+    def ends_at(self) -> float | None:
+        """When the key stops working: the earlier of its own expiry and its grace end."""
+        ends = [t for t in (self.expires_at, self.grace_until) if t is not None]
+        return min(ends) if ends else None
+
+    def active(self, now: float) -> bool:
+        return not self.revoked and (self.ends_at is None or now < self.ends_at)
 
     def to_redis(self) -> dict[str, str]:
         return {
@@ -61,6 +78,8 @@ class KeyRecord:
             "expires_at": "" if self.expires_at is None else repr(self.expires_at),
             "revoked": "1" if self.revoked else "0",
             "models": ",".join(self.models),
+            "grace_until": "" if self.grace_until is None else repr(self.grace_until),
+            "lineage": self.lineage,
         }
 
     @classmethod
@@ -75,6 +94,8 @@ class KeyRecord:
             revoked=d.get("revoked") == "1",
             models=tuple(m for m in d.get("models", "").split(",") if m),
             limits=Limits.from_redis(d),
+            grace_until=float(d["grace_until"]) if d.get("grace_until") else None,
+            lineage=d.get("lineage", ""),  # records written before rotation chains: `quota_id` is their own id
         )
 
     def public(self) -> dict[str, Any]:
@@ -85,9 +106,11 @@ class KeyRecord:
             "name": self.name,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
+            "grace_until": self.grace_until,
             "revoked": self.revoked,
             "models": list(self.models),
             "limits": self.limits.to_dict(),
+            "lineage": self.quota_id,
         }
 
     def allows(self, model: str) -> bool:
@@ -108,10 +131,13 @@ class KeyStore:
         expires_at: float | None = None,
         models: tuple[str, ...] = (),
         limits: Limits = UNLIMITED,
+        lineage: str = "",
     ) -> tuple[str, KeyRecord]:
         check_team(team)
         key = generate_key()
-        record = KeyRecord(new_key_id(), team, name, self._clock(), expires_at, False, models, limits)
+        key_id = new_key_id()
+        record = KeyRecord(key_id, team, name, self._clock(), expires_at, False, models, limits,
+                           lineage=lineage or key_id)
         digest = hash_key(key)
 
         async def write(r: Any) -> None:
@@ -121,7 +147,7 @@ class KeyStore:
             pipe.zadd(self._keys.key_index(), {record.id: record.created_at})
             await pipe.execute()
 
-        await self._store.call("key-create", write)
+        await self._operator("key-create", write)
         return key, record
 
     async def lookup(self, digest: str) -> KeyRecord | None:
@@ -139,7 +165,7 @@ class KeyStore:
                     pipe.hgetall(self._keys.key_record(d.decode()))
             return [KeyRecord.from_redis(raw) for raw in await pipe.execute() if raw]
 
-        records = await self._store.call("key-list", read)
+        records = await self._operator("key-list", read)
         return [rec for rec in records if team is None or rec.team == team]
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -155,17 +181,21 @@ class KeyStore:
         return await self._update(key_id, record.limits.merged(changes).to_redis())
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyRecord, KeyRecord] | None:
-        """A new key with the old one's team, name, models, limits and expiry; the old key now expires after
-        `grace_s` (or earlier, if it already would). Returns (new key, new record, old record)."""
+        """A new key with the old one's team, name, models, limits, own expiry and quota counters (`lineage`);
+        the old key's grace period ends after `grace_s` (or earlier, if it already would). Returns (new key, new
+        record, old record); None if there is no such key. A revoked or expired key cannot be rotated."""
         old = await self.get(key_id)
-        if old is None or old.revoked:
+        if old is None:
             return None
-        key, new = await self.create(
-            old.team, name=old.name, expires_at=old.expires_at, models=old.models, limits=old.limits
-        )
-        ends = self._clock() + grace_s
-        if old.expires_at is None or ends < old.expires_at:
-            updated = await self._update(key_id, {"expires_at": repr(ends)})
+        now = self._clock()
+        if not old.active(now):
+            raise KeyNotActive(f"Key {key_id} is {'revoked' if old.revoked else 'expired'}: it cannot be rotated. "
+                               "Create a new key instead.", code="key_revoked" if old.revoked else "key_expired")
+        key, new = await self.create(old.team, name=old.name, expires_at=old.expires_at, models=old.models,
+                                     limits=old.limits, lineage=old.quota_id)
+        ends = now + grace_s
+        if old.grace_until is None or ends < old.grace_until:
+            updated = await self._update(key_id, {"grace_until": repr(ends)})
             old = updated if updated is not None else old
         return key, new, old
 
@@ -181,7 +211,12 @@ class KeyStore:
             raw = await r.hgetall(record_key)
             return KeyRecord.from_redis(raw) if raw else None
 
-        return await self._store.call("key-update", write)
+        return await self._operator("key-update", write)
+
+    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        # Operator work (CLI, admin API): a longer time limit, and a failure does not make the hot path bypass
+        # Redis. `lookup` (every request) keeps the hot path's limit.
+        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)
 
 
 def bearer_key(headers: Any) -> str | None:
@@ -248,7 +283,7 @@ class Authenticator:
                 self._remember(digest, record, now)
         if record.revoked:
             raise AuthenticationFailed("This API key has been revoked.", code="api_key_revoked")
-        if record.expires_at is not None and self._wall_clock() >= record.expires_at:
+        if record.ends_at is not None and self._wall_clock() >= record.ends_at:
             raise AuthenticationFailed("This API key has expired.", code="api_key_expired")
         return record
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import orjson
 
 from .config import Settings
+from .errors import KeyNotActive
 from .keys import KeyRecord, KeyStore
 from .limits import LIMIT_WINDOWS, Limits
 from .rediskeys import RedisKeys
@@ -39,7 +40,8 @@ async def _with_store(settings: Settings, fn: Callable[[Store, RedisKeys], Await
         print("error: this command needs REDIS_URL (the embedded store lives inside one serve process)",
               file=sys.stderr)
         return 2
-    redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=5.0)
+    # Every call here is operator work, as patient as the admin API's (operator_timeout_s).
+    redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=settings.redis.operator_timeout_s)
     client, _ = connect(redis_settings)
     store = Store(client, redis_settings)
     try:
@@ -58,8 +60,8 @@ def _print_records(records: Sequence[KeyRecord], as_json: bool) -> None:
     print(f"{'ID':<22} {'TEAM':<16} {'STATUS':<8} {'EXPIRES':<20} {'LIMITS':<30} NAME")
     now = time.time()
     for r in records:
-        status = "revoked" if r.revoked else ("expired" if r.expires_at and r.expires_at <= now else "active")
-        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r.expires_at)) if r.expires_at else "-"
+        status = "revoked" if r.revoked else ("active" if r.active(now) else "expired")
+        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r.ends_at)) if r.ends_at else "-"
         print(f"{r.id:<22} {r.team:<16} {status:<8} {expires:<20} {_limits_text(r.limits):<30} {r.name}")
 
 
@@ -122,15 +124,18 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     async def rotate(ks: KeyStore) -> int:
-        rotated = await ks.rotate(args.key_id, args.grace)
+        try:
+            rotated = await ks.rotate(args.key_id, args.grace)
+        except KeyNotActive as exc:
+            return _fail(exc.message, 1)
         if rotated is None:
-            return _fail(f"no active key with id {args.key_id}", 1)
+            return _fail(f"no key with id {args.key_id}", 1)
         key, new, old = rotated
         if args.json:
             print(orjson.dumps({"key": key, **new.public(), "previous": old.public()}).decode())
         else:
             print(key)
-            until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(old.expires_at or 0))
+            until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(old.ends_at or 0))
             print(f"new id {new.id}; the old key {old.id} keeps working until {until}", file=sys.stderr)
         return 0
 
@@ -193,7 +198,8 @@ def parse_count(text: str) -> int:
 
 
 def add_limit_flags(p: argparse.ArgumentParser, clearing: bool) -> None:
-    hint = " (0: unlimited)" if clearing else ""
+    # 0 means unlimited everywhere (as in the admin API): say so, whether it clears a limit or sets none.
+    hint = " (0: unlimited, clears it)" if clearing else " (0 or omitted: unlimited)"
     p.add_argument("--rpm", type=parse_count, help="requests per minute" + hint)
     p.add_argument("--tpm", type=parse_count, help="tokens per minute" + hint)
     p.add_argument("--tokens-per-day", type=parse_count, help="tokens per UTC day" + hint)

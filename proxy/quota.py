@@ -22,12 +22,12 @@ from importlib import resources
 from typing import Any, Literal
 
 from .config import QuotaSettings
-from .errors import ProxyError, QuotaExceeded, RateLimited, ServiceUnavailable
+from .errors import ProxyError, QuotaExceeded, RateLimited, ServiceUnavailable, TokensRateLimited
 from .keys import KeyRecord
 from .limits import LIMIT_WINDOWS, Limits
 from .metrics import Metrics
 from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
+from .store import Store, StoreUnavailable, in_process_redis
 from .teams import TeamStore
 
 log = logging.getLogger("proxy.quota")
@@ -147,7 +147,11 @@ class Ticket:
     def _apply(self, reply: Any, requests: int, tokens: int) -> None:
         if reply[0] == 0:
             c = self.counters[int(reply[1]) - 1]
-            self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now)
+            # Every counter as it stands; refused for tokens, the request slot has just been given back.
+            values = [int(v) - (not requests and k.metric == "req") for k, v in zip(self.counters, reply[3:],
+                                                                                    strict=True)]
+            self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now,
+                                self.counters, values)
         self.values = [int(v) for v in reply[1:]]
         self.headers = rate_headers(self.counters, self.values, self.now)
         self._quotas.observe(self.key, self.counters, self.values)
@@ -189,7 +193,8 @@ class Quotas:
 
     def counters(self, key: KeyRecord, team_limits: Limits, now: float) -> list[Counter]:
         out = []
-        for scope, key_id, limits in (("team", None, team_limits), ("key", key.id, key.limits)):
+        # A key's own counters are keyed by its quota identity: a rotated key spends its predecessor's allowance.
+        for scope, key_id, limits in (("team", None, team_limits), ("key", key.quota_id, key.limits)):
             for name, value in limits.items():
                 metric, kind = LIMIT_WINDOWS[name]
                 win, resets_at = window(kind, now)
@@ -229,13 +234,14 @@ class Quotas:
                     "Quotas cannot be checked right now (the quota store is unreachable). Please retry."
                 ) from None
         if self._local is None:
-            import fakeredis  # same scripts, same semantics, this process only
-
-            self._local = fakeredis.FakeAsyncRedis()
+            self._local = in_process_redis()  # same scripts, same semantics, this process only
             log.warning("redis unreachable: quotas are enforced per process until it is back")
         return await script(keys=keys, args=args, client=self._local)
 
-    def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float) -> None:
+    def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float,
+               counters: list[Counter] | None = None, values: list[int] | None = None) -> None:
+        """Raise the 429 for counter `c` (at `used`, asked for `asked` more). `counters` and their current `values`
+        fill the x-ratelimit-* headers for both requests and tokens; the refusing side shows `c` as it stands."""
         whose = f"team '{key.team}'" if c.scope == "team" else f"key {key.id}"
         wait = max(0.0, c.resets_at - now)
         self._metrics.quota_rejections.labels(key.team, c.scope, c.limit_name).inc()
@@ -245,12 +251,14 @@ class Quotas:
         )
         err: ProxyError
         if c.limit_name in ("rpm", "tpm"):
-            err = RateLimited(message, retry_after=wait)
+            err = (RateLimited if c.metric == "req" else TokensRateLimited)(message, retry_after=wait)
         else:
             err = QuotaExceeded(
                 message.replace("Rate limit reached", "Quota exceeded") + " The budget resets then.",
                 retry_after=wait,
             )
+        if counters is not None and values is not None and len(values) == len(counters):
+            err.headers.update(rate_headers(counters, values, now))
         err.headers.update(rate_headers([c], [used], now))  # the counter that refused it, as it stands
         raise err
 

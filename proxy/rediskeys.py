@@ -14,6 +14,9 @@
                                        metric req|tok, window m{minutes since epoch}|d{YYYYMMDD}|mo{YYYYMM} (UTC);
                                        `{team}` is a Cluster hash tag: one request's counters share a slot
     {prefix}:usage:{team}:{YYYY-MM-DD} hash: the usage ledger; field {key_id}|{model}|{metric}
+    {prefix}:usage-flushes:{{prefix}:usage:{team}:{YYYY-MM-DD}}
+                                       hash: that ledger hash's flush marks, writer id -> last batch applied;
+                                       the hash tag is the ledger key itself, so both share a Cluster slot
     {prefix}:usage-teams               set: teams with ledger entries
 
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
@@ -94,6 +97,9 @@ class RedisKeys:
 
     def usage(self, team: str, day: str) -> str:
         return f"{self.prefix}:usage:{team}:{day}"
+
+    def usage_flushes(self, team: str, day: str) -> str:
+        return f"{self.prefix}:usage-flushes:{{{self.usage(team, day)}}}"
 
     def usage_teams(self) -> str:
         return f"{self.prefix}:usage-teams"

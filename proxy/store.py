@@ -3,6 +3,9 @@
 Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError`, `OSError` and
 timeouts into `StoreUnavailable`. After a failure the store is left alone for `retry_interval_s` (callers get
 `StoreUnavailable` at once instead of waiting on a dead server), then tried again: recovery needs no restart.
+Operator work (admin API, CLI, usage reports, ledger flushes) calls with `timeout_s=store.operator_timeout_s,
+mark_down=False`: it may be slow without being a sign of trouble, so its failure is its own and never makes the
+hot path bypass Redis (and it does not wait out the hot path's `retry_interval_s` either).
 """
 
 from __future__ import annotations
@@ -26,12 +29,20 @@ class StoreUnavailable(Exception):
     """Redis could not be reached in time; the caller degrades (cache bypass, offline key copy)."""
 
 
+def in_process_redis() -> Any:
+    """An in-process Redis (fakeredis, with Lua): the embedded store, and the quota fallback while Redis is down.
+
+    Its connections are in-memory objects, but its pool refuses (MaxConnectionsError) beyond 100 at once, which
+    100 concurrent requests reach; the pool is made as large as the number of requests in flight can be."""
+    import fakeredis  # only the embedded mode and the quota fallback need it
+
+    return fakeredis.FakeAsyncRedis(max_connections=1_000_000)
+
+
 def connect(settings: RedisSettings) -> tuple[Any, bool]:
     """A Redis client and whether it is the embedded store."""
     if not settings.url:
-        import fakeredis  # only the embedded mode needs it
-
-        return fakeredis.FakeAsyncRedis(), True
+        return in_process_redis(), True
     client = aioredis.Redis.from_url(
         settings.url,
         # No per-socket timeout: Store.call bounds every call as a whole (redis-py's own costs a wait_for task per
@@ -57,6 +68,7 @@ class Store:
         self.client = client
         self.embedded = embedded
         self._timeout = settings.socket_timeout_s
+        self.operator_timeout_s = settings.operator_timeout_s  # for callers that pass mark_down=False
         self._retry_interval = settings.retry_interval_s
         self._clock = clock
         self._on_error = on_error
@@ -67,16 +79,24 @@ class Store:
     def available(self) -> bool:
         return not self._down or self._clock() >= self._down_until
 
-    async def call(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        if not self.available:
+    async def call(
+        self, op: str, fn: Callable[[Any], Awaitable[T]], *, timeout_s: float | None = None, mark_down: bool = True
+    ) -> T:
+        """`fn(client)` within `timeout_s` (default `socket_timeout_s`). With `mark_down=False` (operator work) a
+        failure is counted and raised but does not make everyone else bypass Redis for `retry_interval_s`, and
+        the call is tried even while they do (a shutdown flush, say, right after the hot path gave up on Redis)."""
+        if mark_down and not self.available:
             raise StoreUnavailable("redis is marked unavailable")
         try:
-            async with asyncio.timeout(self._timeout):  # cheaper than wait_for: no extra task per call
+            async with asyncio.timeout(self._timeout if timeout_s is None else timeout_s):  # no task per call
                 result = await fn(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._mark_down(op, exc)
+            if mark_down:
+                self._mark_down(op, exc)
+            elif self._on_error is not None:
+                self._on_error(op)
             raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}") from exc
-        if self._down:
+        if self._down and mark_down:  # only the hot path's own calls end its bypass
             self._down = False
             log.warning("redis reachable again; cache and key store back in use")
         return result

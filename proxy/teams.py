@@ -9,12 +9,14 @@ last limits read (or the configured ones) stay in force.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from .limits import Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
+
+T = TypeVar("T")
 
 
 class TeamStore:
@@ -49,14 +51,22 @@ class TeamStore:
         self._cached[team] = (limits, now)
         return limits
 
-    async def _read(self, team: str) -> Limits | None:
-        raw = await self._store.call("team-get", lambda r: r.hgetall(self._keys.team(team)))
+    async def in_force(self, team: str) -> Limits:
+        """The limits in force for `team`, read now (admin API): no process cache, no fallback on failure."""
+        stored = await self._read(team, operator=True)
+        return stored if stored is not None else self._configured.get(team, Limits())
+
+    async def _read(self, team: str, *, operator: bool = False) -> Limits | None:
+        def read(r: Any) -> Any:
+            return r.hgetall(self._keys.team(team))
+
+        raw = await (self._operator("team-get", read) if operator else self._store.call("team-get", read))
         return Limits.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
 
     async def set(self, team: str, changes: Mapping[str, int | None]) -> Limits:
         """Change some of a team's limits (0 or None clears one: unlimited) and store the result."""
         check_team(team)
-        current = await self._read(team)
+        current = await self._read(team, operator=True)
         limits = (current if current is not None else self._configured.get(team, Limits())).merged(changes)
 
         async def write(r: Any) -> None:
@@ -65,7 +75,7 @@ class TeamStore:
             pipe.sadd(self._keys.teams(), team)
             await pipe.execute()
 
-        await self._store.call("team-set", write)
+        await self._operator("team-set", write)
         self._cached.pop(team, None)
         return limits
 
@@ -84,7 +94,11 @@ class TeamStore:
                 if raw
             }
 
-        stored = await self._store.call("team-list", read)
+        stored = await self._operator("team-list", read)
         out = {name: (limits, "config") for name, limits in self._configured.items()}
         out.update({name: (limits, "runtime") for name, limits in stored.items()})
         return dict(sorted(out.items()))
+
+    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        # CLI and admin API: a longer time limit; a failure does not make the hot path bypass Redis.
+        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)

@@ -1,9 +1,14 @@
 """The usage ledger: requests and tokens per team, key, model and UTC day, in Redis, for chargeback.
 
-Each process adds usage up in memory and writes it with one pipeline of HINCRBY every `usage.flush_interval_s`
-and at shutdown, so the hot path does no Redis write for it. If Redis is unreachable the sums are kept and
-written on a later flush. What is recorded is exactly what clients were told in `usage`: `prompt_tokens` split
-into tokens sent upstream and tokens served without an upstream call (`cached_tokens`).
+Each process adds usage up in memory and writes it every `usage.flush_interval_s` and at shutdown, so the hot path
+does no Redis write for it. A flush is a numbered batch applied by one Lua script per ledger hash
+(`lua/ledger.lua`) that remembers the last batch of each writer, so a flush whose reply was lost (a timeout does not
+mean Redis skipped it) is retried as the same batch and never counts twice. While a batch is unacknowledged, new
+usage waits in memory for the next one. What is recorded is exactly what clients were told in `usage`:
+`prompt_tokens` split into tokens sent upstream and tokens served without an upstream call (`cached_tokens`).
+
+Flushes and reports are operator work: they get `redis.operator_timeout_s` and never mark Redis down for the hot
+path; reports read in pipelines of at most `REPORT_CHUNK` hashes.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import functools
 import io
 import logging
+import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from importlib import resources
+from typing import Any, Literal, TypeVar
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
@@ -27,10 +36,23 @@ from .store import Store, StoreUnavailable
 log = logging.getLogger("proxy.usage")
 METRICS = ("requests", "upstream_tokens", "cached_tokens")
 GroupBy = Literal["team", "key", "model", "day"]
+REPORT_CHUNK = 500  # ledger hashes read per pipeline: each one round trip bounded by operator_timeout_s
+T = TypeVar("T")
+Slots = dict[tuple[str, str], dict[str, int]]  # (team, day) -> field -> amount
 
 
 def day_of(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def _slots() -> Slots:
+    return defaultdict(lambda: defaultdict(int))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    seq: int  # this writer's batch number: batches are applied in order, each at most once
+    slots: Slots
 
 
 class UsageLedger:
@@ -41,13 +63,18 @@ class UsageLedger:
         *,
         retention_days: int = 400,
         clock: Callable[[], float] = time.time,
+        writer: str | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._retention_s = retention_days * 86400
         self._clock = clock
-        # (team, day) -> field -> amount not yet written
-        self._pending: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._writer = writer or secrets.token_hex(8)  # this process's name in the ledger's flush marks
+        self._seq = 0
+        self._pending = _slots()  # not yet in a batch
+        self._unacked: _Batch | None = None  # sent (perhaps applied), not acknowledged: resent as itself
+        self._flushing = asyncio.Lock()  # the periodic, the admin report's and the shutdown flush take turns
+        self._apply = store.client.register_script((resources.files("proxy") / "lua" / "ledger.lua").read_text())
 
     def record(self, team: str, key_id: str, model: str, prompt_tokens: int, upstream_tokens: int) -> None:
         fields = self._pending[(team, day_of(self._clock()))]
@@ -57,29 +84,40 @@ class UsageLedger:
         fields[base + "cached_tokens"] += prompt_tokens - upstream_tokens
 
     async def flush(self) -> None:
-        """Write what was recorded since the last flush; on failure keep it for the next one."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, defaultdict(lambda: defaultdict(int))
+        """Write everything recorded so far. On failure (StoreUnavailable) the unacknowledged batch is kept as it
+        is and sent again, under the same number, by the next flush."""
+        async with self._flushing:
+            while True:
+                if self._unacked is None:
+                    if not self._pending:
+                        return
+                    self._seq += 1
+                    self._unacked = _Batch(self._seq, self._pending)
+                    self._pending = _slots()
+                await self._operator("usage-flush", functools.partial(self._write, batch=self._unacked))
+                self._unacked = None
 
-        async def write(r: Any) -> None:
+    async def _write(self, r: Any, *, batch: _Batch) -> None:
+        # One round trip: EVALSHA per ledger hash (its flush marks share its Cluster slot, see rediskeys), then the
+        # team index. NOSCRIPT (Redis restarted or flushed its scripts): load the script, send the batch again.
+        for attempt in (1, 2):
             pipe = r.pipeline(transaction=False)
-            for (team, day), fields in pending.items():
-                key = self._keys.usage(team, day)
+            for (team, day), fields in batch.slots.items():
+                args: list[Any] = [self._writer, batch.seq, self._retention_s]
                 for name, amount in fields.items():
                     if amount:
-                        pipe.hincrby(key, name, amount)
-                pipe.expire(key, self._retention_s)
+                        args += [name, amount]
+                pipe.evalsha(self._apply.sha, 2, self._keys.usage(team, day), self._keys.usage_flushes(team, day),
+                             *args)
+            for team in sorted({team for team, _ in batch.slots}):
                 pipe.sadd(self._keys.usage_teams(), team)
-            await pipe.execute()
-
-        try:
-            await self._store.call("usage-flush", write)
-        except StoreUnavailable:
-            for slot, fields in pending.items():  # merge back, keeping anything recorded meanwhile
-                for name, amount in fields.items():
-                    self._pending[slot][name] += amount
-            raise
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await r.script_load(self._apply.script)
 
     async def run(self, interval_s: float) -> None:
         """Flush every `interval_s` until cancelled."""
@@ -88,47 +126,62 @@ class UsageLedger:
             try:
                 await self.flush()
             except StoreUnavailable:
-                log.warning("usage ledger flush failed (redis unreachable); kept for the next flush")
+                log.warning("usage ledger flush failed (redis unreachable or slow); retried at the next flush")
 
     async def report(
         self, team: str | None, since: dt.date, until: dt.date, by: GroupBy | None,
         prices: Mapping[str, float],
     ) -> list[dict[str, Any]]:
-        """Rows of usage from `since` to `until` (inclusive, UTC days), one per team and `by` group."""
+        """Rows of usage from `since` to `until` (inclusive, UTC days), one per team and `by` group. Money is
+        not rounded (the table format rounds for display), so rows add up to their team's total."""
         if until < since:
             raise ValueError("until is before since")
         by = None if by == "team" else by
         days = [(since + dt.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
-
-        async def read(r: Any) -> list[tuple[str, str, dict[bytes, bytes]]]:
-            teams = [team] if team else sorted(t.decode() for t in await r.smembers(self._keys.usage_teams()))
-            pipe = r.pipeline(transaction=False)
-            slots = [(t, d) for t in teams for d in days]
-            for t, d in slots:
-                pipe.hgetall(self._keys.usage(t, d))
-            return [(t, d, raw) for (t, d), raw in zip(slots, await pipe.execute(), strict=True)]
-
+        if team:
+            teams = [team]
+        else:
+            members = await self._operator("usage-report", lambda r: r.smembers(self._keys.usage_teams()))
+            teams = sorted(t.decode() for t in members)
+        slots = [(t, d) for t in teams for d in days]
         rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for t, d, raw in await self._store.call("usage-report", read):
-            for name, value in raw.items():
-                key_id, model, metric = name.decode().split("|")
-                group = {"key": key_id, "model": model, "day": d}.get(by or "team", "")
-                row = rows.setdefault((t, group), {"team": t, **({by: group} if by else {}),
-                                                   **dict.fromkeys(METRICS, 0), "upstream_cost_usd": 0.0,
-                                                   "saved_usd": 0.0})
-                amount = int(value)
-                row[metric] += amount
-                price = prices.get(model, 0.0) / 1e6
-                if metric == "upstream_tokens":
-                    row["upstream_cost_usd"] += amount * price
-                elif metric == "cached_tokens":
-                    row["saved_usd"] += amount * price
-        out = [rows[k] for k in sorted(rows)]
-        for row in out:
+        tokens: dict[tuple[str, str], dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
+        for start in range(0, len(slots), REPORT_CHUNK):
+            chunk = slots[start:start + REPORT_CHUNK]
+            for (t, d), raw in zip(chunk, await self._operator("usage-report", _reader(self._keys, chunk)),
+                                   strict=True):
+                for name, value in raw.items():
+                    key_id, model, metric = name.decode().split("|")
+                    group = {"key": key_id, "model": model, "day": d}.get(by or "team", "")
+                    row = rows.setdefault((t, group), {"team": t, **({by: group} if by else {}),
+                                                       **dict.fromkeys(METRICS, 0)})
+                    row[metric] += int(value)
+                    tokens[(t, group)][(model, metric)] += int(value)
+        out = []
+        for k in sorted(rows):
+            row = rows[k]
             row["total_tokens"] = row["upstream_tokens"] + row["cached_tokens"]
-            row["upstream_cost_usd"] = round(row["upstream_cost_usd"], 6)
-            row["saved_usd"] = round(row["saved_usd"], 6)
+            by_model = tokens[k]
+            row["upstream_cost_usd"] = sum(n * prices.get(m, 0.0) for (m, metric), n in by_model.items()
+                                           if metric == "upstream_tokens") / 1e6
+            row["saved_usd"] = sum(n * prices.get(m, 0.0) for (m, metric), n in by_model.items()
+                                   if metric == "cached_tokens") / 1e6
+            out.append(row)
         return out
+
+    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)
+
+
+def _reader(keys: RedisKeys, chunk: list[tuple[str, str]]) -> Callable[[Any], Awaitable[list[Any]]]:
+    async def read(r: Any) -> list[Any]:
+        pipe = r.pipeline(transaction=False)
+        for t, d in chunk:
+            pipe.hgetall(keys.usage(t, d))
+        result: list[Any] = await pipe.execute()
+        return result
+
+    return read
 
 
 @dataclass(frozen=True)

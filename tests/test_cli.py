@@ -64,6 +64,11 @@ async def test_keys_create_list_revoke(make_proxy: Any, upstream: Upstream, redi
     assert cli(redis_url, "keys", "create", "--team", "Bad Team!").returncode == 2
 
 
+def test_limit_flags_say_that_zero_means_unlimited() -> None:
+    done = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and " ".join(done.stdout.split()).count("(0 or omitted: unlimited)") == 4
+
+
 def test_keys_need_redis() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROXY_CONFIG")}
     done = subprocess.run([sys.executable, "-m", "proxy", "keys", "list"], env=env, capture_output=True, text=True)
@@ -98,7 +103,11 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
                "--expires-in", "1d", "--json")
     doc = json.loads(made.stdout)
     assert doc["limits"]["rpm"] == 1 and doc["models"] == [MODEL] and doc["name"] == "etl"
-    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, "[quotas]\nteam_cache_s = 0.0\n"))
+    # Changes must show on the very next request: no in-process copies (pub/sub propagation: test_quota_http.py).
+    # The CLI runs synchronously and stalls this test's event loop: a Redis call in flight meanwhile must not time
+    # out (that would mark Redis down and serve the last verified key record, as designed for outages).
+    config = "[quotas]\nteam_cache_s = 0.0\n[keys]\ncache_s = 0.0\n[redis]\nsocket_timeout_s = 10.0\n"
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, config))
     headers = {"Authorization": f"Bearer {doc['key']}"}
     body = {"model": MODEL, "input": "one two three"}
     assert (await proxy.client.post("/v1/embeddings", json=body, headers=headers)).status == 200
@@ -114,8 +123,14 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     assert new_key.startswith("sk-gateway-") and new_key != doc["key"] and "keeps working until" in rotated.stderr
     new_headers = {"Authorization": f"Bearer {new_key}"}
     for h in (headers, new_headers):  # both work during the grace period
-        assert (await proxy.client.post("/v1/embeddings", json=body, headers=h)).status == 200
+        r = await proxy.client.post("/v1/embeddings", json=body, headers=h)
+        assert r.status == 200, await r.text()
     assert cli(redis_url, "keys", "rotate", "key_nope").returncode == 1
+    old_revoked = cli(redis_url, "keys", "revoke", doc["id"])
+    assert old_revoked.returncode == 0, old_revoked.stderr
+    refused = cli(redis_url, "keys", "rotate", doc["id"])
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert f"Key {doc['id']} is revoked: it cannot be rotated" in refused.stderr
 
     await proxy.client.close()  # flushes the usage ledger
     usage = cli(redis_url, "usage", "--team", "ads", "--by", "key", "--format", "json")
@@ -124,6 +139,7 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     by_key = {r["key"]: r["requests"] for r in rows}
     assert len(by_key) == 2 and by_key[doc["id"]] == 3  # the old key 3, its replacement 1
     assert sum(r["total_tokens"] for r in rows) == 4 * 3
+    assert by_key[doc["id"]] + next(v for k, v in by_key.items() if k != doc["id"]) == 4
     csv_out = cli(redis_url, "usage", "--format", "csv").stdout.splitlines()
     assert csv_out[0] == "team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd"
     assert csv_out[1].startswith("ads,4,3,9,12,")

@@ -64,3 +64,12 @@ async def test_serve_demo_prints_a_working_key_offline() -> None:
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0  # a clean shutdown on SIGTERM
+
+
+
+async def test_embedded_store_serves_many_concurrent_requests(make_proxy: Any, upstream: Upstream) -> None:
+    """fakeredis refuses more than 100 connections at once by default; the embedded store must not."""
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, "", "[teams.demo]\nrpm = 100000\n"))
+    key = await p.new_key("demo")
+    responses = await asyncio.gather(*(p.embed(key, {"model": MODEL, "input": f"c{i % 50}"}) for i in range(400)))
+    assert sorted({r.status for r in responses}) == [200]

@@ -1,17 +1,23 @@
-"""Key checks while the key store is unreachable: the offline grace, with pinned clocks instead of sleeps."""
+"""Key rotation against a real Redis with pinned clocks: grace periods, inherited expiry, refusals, quota lineage."""
 
 from __future__ import annotations
 
-import fakeredis
+import calendar
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 
 from proxy.config import RedisSettings
-from proxy.errors import AuthenticationFailed, ServiceUnavailable
-from proxy.keys import Authenticator, KeyStore
+from proxy.errors import AuthenticationFailed, KeyNotActive
+from proxy.keys import Authenticator, KeyRecord, KeyStore, hash_key
+from proxy.limits import Limits
 from proxy.rediskeys import RedisKeys
-from proxy.store import Store
+from proxy.store import Store, connect
 
-GRACE = 120.0
+pytestmark = pytest.mark.redis
+T0 = float(calendar.timegm((2026, 11, 5, 12, 0, 0)))
+MONTH = 30 * 86400.0
 
 
 class Clock:
@@ -22,60 +28,95 @@ class Clock:
         return self.now
 
 
-async def test_offline_grace_accepts_recent_keys_and_refuses_older_or_unseen_ones() -> None:
-    server = fakeredis.FakeServer()
-    mono, wall = Clock(5000.0), Clock(1.8e9)
-    store = Store(fakeredis.FakeAsyncRedis(server=server), RedisSettings(retry_interval_s=1.0), clock=mono)
-    keystore = KeyStore(store, RedisKeys(), clock=wall)
-    auth = Authenticator(keystore, GRACE, cache_s=2.0, clock=mono, wall_clock=wall)
-    old_key, old = await keystore.create("search")
-    new_key, new = await keystore.create("search")
-    unseen_key, _ = await keystore.create("search")
-
-    assert (await auth.authenticate(old_key)).id == old.id  # verified at 5000
-    mono.now += 100
-    assert (await auth.authenticate(new_key)).id == new.id  # verified at 5100
-
-    server.connected = False  # every Redis call now fails: Store.call raises StoreUnavailable
-    mono.now = 5000 + GRACE  # old: exactly at the edge of the grace; new: 20 s into it
-    assert (await auth.authenticate(old_key)).id == old.id
-    assert (await auth.authenticate(new_key)).id == new.id
-    mono.now = 5000 + GRACE + 0.001
-    with pytest.raises(ServiceUnavailable) as exc:
-        await auth.authenticate(old_key)
-    assert exc.value.status == 503
-    assert (await auth.authenticate(new_key)).id == new.id
-    with pytest.raises(ServiceUnavailable):
-        await auth.authenticate(unseen_key)  # never verified by this process
-    mono.now = 5100 + GRACE + 0.001
-    with pytest.raises(ServiceUnavailable):
-        await auth.authenticate(new_key)
-    with pytest.raises(AuthenticationFailed):  # a malformed key is refused without asking Redis at all
-        await auth.authenticate("sk-gateway-short")
-
-    server.connected = True  # Redis is back: both keys are verified again and work
-    mono.now += 1.0  # past the store's retry interval
-    assert (await auth.authenticate(old_key)).id == old.id
-    assert (await auth.authenticate(unseen_key)).team == "search"
-    server.connected = False
-    mono.now += 60
-    assert (await auth.authenticate(old_key)).id == old.id  # re-verified a minute ago
+@pytest.fixture
+async def keys(redis_url: str) -> AsyncIterator[tuple[KeyStore, Authenticator, Clock]]:
+    settings = RedisSettings(url=redis_url)
+    store = Store(connect(settings)[0], settings)
+    clock = Clock(T0)
+    ks = KeyStore(store, RedisKeys("ep"), clock=clock)
+    yield ks, Authenticator(ks, offline_grace_s=120, cache_s=0, wall_clock=clock), clock
+    await store.close()
 
 
-async def test_revocation_seen_before_the_outage_still_holds_during_it() -> None:
-    server = fakeredis.FakeServer()
-    mono = Clock(0.0)
-    store = Store(fakeredis.FakeAsyncRedis(server=server), RedisSettings(), clock=mono)
-    keystore = KeyStore(store, RedisKeys())
-    auth = Authenticator(keystore, GRACE, cache_s=2.0, clock=mono)
-    key, record = await keystore.create("search")
-    await auth.authenticate(key)
-    await keystore.revoke(record.id)
-    mono.now += 3  # past cache_s: the next check reads the record again
-    with pytest.raises(AuthenticationFailed):
+async def expired_code(auth: Authenticator, key: str) -> str | None:
+    try:
         await auth.authenticate(key)
-    server.connected = False
-    mono.now += 1
-    with pytest.raises(AuthenticationFailed) as exc:  # the offline copy is the revoked record, not a pass
-        await auth.authenticate(key)
-    assert exc.value.code == "api_key_revoked"
+    except AuthenticationFailed as exc:
+        return exc.code
+    return None
+
+
+async def test_the_old_key_works_until_its_grace_ends(keys: Any) -> None:
+    ks, auth, clock = keys
+    old, record = await ks.create("search", name="svc", expires_at=T0 + MONTH, limits=Limits(rpm=50))
+    rotated = await ks.rotate(record.id, grace_s=3600)
+    assert rotated is not None
+    new, new_record, old_record = rotated
+    assert (new_record.team, new_record.name, new_record.limits) == ("search", "svc", Limits(rpm=50))
+    assert new_record.expires_at == T0 + MONTH  # the key's own expiry, inherited
+    assert old_record.expires_at == T0 + MONTH and old_record.grace_until == T0 + 3600
+    assert old_record.ends_at == T0 + 3600 and old_record.public()["grace_until"] == T0 + 3600
+    clock.now = T0 + 3599
+    assert await expired_code(auth, old) is None and await expired_code(auth, new) is None
+    clock.now = T0 + 3600
+    assert await expired_code(auth, old) == "api_key_expired"
+    assert await expired_code(auth, new) is None
+    clock.now = T0 + MONTH
+    assert await expired_code(auth, new) == "api_key_expired"
+
+
+async def test_rotating_twice_gives_the_second_key_the_original_expiry(keys: Any) -> None:
+    ks, _, clock = keys
+    _, record = await ks.create("search", expires_at=T0 + MONTH)
+    first = await ks.rotate(record.id, grace_s=3600)
+    clock.now = T0 + 60
+    second = await ks.rotate(record.id, grace_s=7200)  # still in its grace period: it may be rotated again
+    assert first is not None and second is not None
+    assert first[1].expires_at == second[1].expires_at == T0 + MONTH  # not the old key's grace end
+    assert second[2].grace_until == T0 + 3600  # a second rotation never lengthens the grace period
+    third = await ks.rotate(second[1].id, grace_s=60)  # a replacement rotated in turn
+    assert third is not None and third[1].expires_at == T0 + MONTH
+    assert {first[1].quota_id, second[1].quota_id, third[1].quota_id} == {record.id}  # one quota lineage
+
+
+async def test_an_expired_or_revoked_key_cannot_be_rotated(keys: Any) -> None:
+    ks, _, clock = keys
+    _, lapsed = await ks.create("search", expires_at=T0 - 1)
+    with pytest.raises(KeyNotActive) as err:
+        await ks.rotate(lapsed.id, grace_s=60)
+    assert err.value.status == 409 and err.value.code == "key_expired" and "cannot be rotated" in err.value.message
+    _, graced = await ks.create("search")
+    await ks.rotate(graced.id, grace_s=60)
+    clock.now = T0 + 60  # its grace period is over
+    with pytest.raises(KeyNotActive):
+        await ks.rotate(graced.id, grace_s=60)
+    _, revoked = await ks.create("search")
+    await ks.revoke(revoked.id)
+    with pytest.raises(KeyNotActive) as rev:
+        await ks.rotate(revoked.id, grace_s=60)
+    assert rev.value.code == "key_revoked"
+    assert await ks.rotate("key_nope", grace_s=60) is None
+    assert len(await ks.list()) == 4  # the refused rotations issued no key
+
+
+async def test_records_written_before_lineage_and_grace_fields_still_work(keys: Any, redis_server: Any) -> None:
+    ks, auth, _ = keys
+    key = "sk-gateway-" + "a" * 43
+    digest = hash_key(key)
+    raw = redis_server.client()
+    raw.hset(f"ep:key:{digest}", mapping={"id": "key_legacy", "team": "search", "name": "", "created_at": "1.0",
+                                          "expires_at": "", "revoked": "0", "models": "", "rpm": "5", "tpm": "",
+                                          "tokens_per_day": "", "tokens_per_month": ""})
+    raw.set("ep:keyid:key_legacy", digest)
+    raw.zadd("ep:keys", {"key_legacy": 1.0})
+    record = await auth.authenticate(key)
+    assert record.quota_id == "key_legacy" and record.grace_until is None and record.ends_at is None
+    rotated = await ks.rotate("key_legacy", grace_s=60)
+    assert rotated is not None and rotated[1].quota_id == "key_legacy" and rotated[1].limits == Limits(rpm=5)
+
+
+def test_record_round_trip_keeps_grace_and_lineage() -> None:
+    rec = KeyRecord("key_2", "search", expires_at=5.0, grace_until=3.0, lineage="key_1")
+    back = KeyRecord.from_redis({k.encode(): v.encode() for k, v in rec.to_redis().items()})
+    assert back == rec and back.ends_at == 3.0 and back.quota_id == "key_1"
+    assert not back.active(3.0) and back.active(2.9)

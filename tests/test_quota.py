@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from proxy.config import QuotaSettings, RedisSettings
-from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable, TokensRateLimited
 from proxy.keys import KeyRecord
 from proxy.limits import Limits
 from proxy.metrics import Metrics
@@ -222,3 +222,49 @@ async def test_redis_down_fail_open_keeps_limits_per_process_fail_closed_refuses
         await admit(opened.quotas, k, 0, 0)  # still enforced, in this process
     with pytest.raises(ServiceUnavailable):
         await admit(closed.quotas, k, 0, 0)
+
+
+async def test_a_rotated_key_spends_its_predecessors_allowance(env: Any) -> None:
+    e: Env = await env()
+    old = key(kid="key_old", rpm=2)
+    new = KeyRecord("key_new", "search", limits=Limits(rpm=2), lineage="key_old")  # what rotation writes
+    first = await admit(e.quotas, old, 0, 0)
+    assert first.counters[0].key == f"ep:q:{{search}}:k.key_old:req:m{T0 // 60}"
+    assert (await admit(e.quotas, new, 0, 0)).headers["x-ratelimit-remaining-requests"] == "0"
+    for k in (new, old):  # one allowance for both during the grace period, not one each
+        with pytest.raises(RateLimited):
+            await admit(e.quotas, k, 0, 0)
+    legacy = key(kid="key_legacy", rpm=1)  # a record without a lineage counts under its own id
+    assert (await admit(e.quotas, legacy, 0, 0)).counters[0].key.endswith(":k.key_legacy:req:" + f"m{T0 // 60}")
+
+
+async def test_429s_carry_request_and_token_headers_and_openais_error_type(env: Any) -> None:
+    e: Env = await env({"search": Limits(rpm=5, tpm=100)})
+    k = key(tokens_per_day=150)
+    e.clock.now = T0 - 70  # 40 s before its minute ends
+    await admit(e.quotas, k, 60, 60)
+    with pytest.raises(TokensRateLimited) as tpm:
+        await admit(e.quotas, k, 50, 50)
+    assert tpm.value.type == "tokens" and tpm.value.code == "rate_limit_exceeded"
+    assert tpm.value.headers == {
+        "x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4",  # the refused one gave its slot back
+        "x-ratelimit-reset-requests": "40s",
+        "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": "40", "x-ratelimit-reset-tokens": "40s",
+    }
+    for _ in range(4):
+        await admit(e.quotas, k, 0, 0)
+    with pytest.raises(RateLimited) as rpm:
+        await admit(e.quotas, k, 10, 10)
+    assert type(rpm.value) is RateLimited and rpm.value.body()["error"]["type"] == "requests"
+    assert rpm.value.headers == {
+        "x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "40s",
+        "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": "40", "x-ratelimit-reset-tokens": "40s",
+    }
+    e.clock.now = T0 - 20  # the next minute, same day: tpm fits again, the key's day budget (150, 60 used) does not
+    with pytest.raises(QuotaExceeded) as day:
+        await admit(e.quotas, k, 91, 91)
+    assert day.value.type == "insufficient_quota"
+    assert day.value.headers["x-ratelimit-limit-tokens"] == "150"  # the refusing counter, as it stands
+    assert day.value.headers["x-ratelimit-remaining-tokens"] == "90"
+    assert day.value.headers["x-ratelimit-reset-tokens"] == "50s" == f"{day.value.retry_after:.0f}s"
+    assert day.value.headers["x-ratelimit-remaining-requests"] == "5"

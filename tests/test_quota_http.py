@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from proxy.app import KEYSTORE, LEDGER, STORE
-from proxy.keys import hash_key
+from proxy.keys import KeyStore, hash_key
 from proxy.limits import Limits
+from proxy.rediskeys import RedisKeys
 from proxy.usage import day_of
 from tests.conftest import Proxy, Upstream, make_settings, settle
 
@@ -57,10 +58,32 @@ async def test_requests_per_minute_429_shape_and_headers(make_proxy: Any, upstre
     assert_openai_error(await refused.json(), "requests", "rate_limit_exceeded")
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "1000"  # the other side too, as OpenAI sends both
+    assert refused.headers["x-ratelimit-remaining-tokens"] == ok.headers["x-ratelimit-remaining-tokens"]
+    assert refused.headers["x-ratelimit-reset-tokens"].endswith("s")
     assert refused.headers["x-request-id"]
     assert upstream.state.requests == 0  # nothing went upstream
     other = await p.new_key("ads")  # another team is not affected
     assert (await p.embed(other, {"model": MODEL, "input": "hello"})).status == 200
+
+
+async def test_tokens_per_minute_429_has_type_tokens_and_both_headers(
+    make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    p = await make(make_proxy, upstream, redis_url, "[teams.search]\nrpm = 10\ntpm = 5\n")
+    key = await p.new_key("search")
+    assert (await p.embed(key, {"model": MODEL, "input": "one two three"})).status == 200
+    refused = await p.embed(key, {"model": MODEL, "input": "four five six"})
+    assert refused.status == 429
+    body = await refused.json()
+    assert_openai_error(body, "tokens", "rate_limit_exceeded")
+    assert "limit 5, used 3, requested 3" in body["error"]["message"]
+    assert {h: refused.headers[h] for h in ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                                            "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests")} == {
+        "x-ratelimit-limit-tokens": "5", "x-ratelimit-remaining-tokens": "2",
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",  # the refused one took no slot
+    }
+    assert refused.headers["x-ratelimit-reset-requests"] == refused.headers["x-ratelimit-reset-tokens"]
 
 
 async def test_day_budget_is_insufficient_quota_and_cache_hits_are_free(
@@ -118,18 +141,26 @@ async def test_model_allow_list_expiry_and_rotation_grace(make_proxy: Any, upstr
     gone = await p.embed(expired, {"model": MODEL, "input": "x"})
     assert gone.status == 401 and (await gone.json())["error"]["code"] == "api_key_expired"
 
-    old, record = await ks.create("search", name="svc", limits=Limits(rpm=50))
-    rotated = await ks.rotate(record.id, grace_s=0.6)
+    old, record = await ks.create("search", name="svc", limits=Limits(rpm=3))
+    rotated = await ks.rotate(record.id, grace_s=3600)
     assert rotated is not None
     new, new_record, old_record = rotated
-    assert new_record.team == "search" and new_record.name == "svc" and new_record.limits == Limits(rpm=50)
-    assert old_record.expires_at is not None and old_record.expires_at <= time.time() + 0.6
-    for k in (old, new):  # both work during the grace period
+    assert new_record.team == "search" and new_record.name == "svc" and new_record.limits == Limits(rpm=3)
+    assert old_record.expires_at is None and old_record.grace_until is not None  # its own expiry is kept
+    for k in (old, new):  # both work during the grace period, on one allowance: the key's rpm of 3
         assert (await p.embed(k, {"model": MODEL, "input": "x"})).status == 200
-    await asyncio.sleep(0.7)
-    after = await p.embed(old, {"model": MODEL, "input": "x"})
-    assert after.status == 401 and (await after.json())["error"]["code"] == "api_key_expired"
     assert (await p.embed(new, {"model": MODEL, "input": "x"})).status == 200
+    for k in (old, new):
+        assert (await p.embed(k, {"model": MODEL, "input": "x"})).status == 429
+
+    # A grace period that is over (rotated on a clock an hour behind): the old key is refused, the new one works.
+    late = KeyStore(p.app[STORE], RedisKeys("ep"), clock=lambda: time.time() - 3600)
+    old2, record2 = await ks.create("search")
+    rotated2 = await late.rotate(record2.id, grace_s=60)
+    assert rotated2 is not None
+    after = await p.embed(old2, {"model": MODEL, "input": "x"})
+    assert after.status == 401 and (await after.json())["error"]["code"] == "api_key_expired"
+    assert (await p.embed(rotated2[0], {"model": MODEL, "input": "x"})).status == 200
 
 
 async def test_admin_api_authentication(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:
@@ -178,10 +209,21 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     rotated = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
     assert rotated.status == 201
     new = await rotated.json()
-    assert new["key"] != key and new["previous"]["id"] == key_id and new["previous"]["expires_at"] <= time.time() + 60
+    assert new["key"] != key and new["previous"]["id"] == key_id and new["previous"]["grace_until"] <= time.time() + 60
+    assert new["expires_at"] == doc["expires_at"] == new["previous"]["expires_at"]  # the key's own expiry
+    assert new["lineage"] == key_id == new["previous"]["lineage"]
+    again = await (await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})).json()
+    assert again["expires_at"] == doc["expires_at"]  # a second rotation: still the original expiry
     revoked = await admin(p, "POST", f"/admin/keys/{key_id}/revoke")
     assert (await revoked.json())["revoked"] is True
     assert (await p.embed(key, {"model": MODEL, "input": "a"})).status == 401
+    refused = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
+    assert refused.status == 409
+    assert_openai_error(await refused.json(), "invalid_request_error", "key_revoked")
+    _, lapsed_record = await p.app[KEYSTORE].create("ads", expires_at=time.time() - 1)
+    refused = await admin(p, "POST", f"/admin/keys/{lapsed_record.id}/rotate")
+    assert refused.status == 409
+    assert_openai_error(await refused.json(), "invalid_request_error", "key_expired")
 
     for bad in ({"team": "Bad Team"}, {"team": "ads", "rpm": -1}, {"team": "ads", "color": "red"},
                 {"team": "ads", "models": ["nope"]}, {}):
@@ -228,7 +270,8 @@ async def test_usage_report_adds_up_to_what_clients_were_told(
     for r in rows:
         assert r["upstream_tokens"] + r["cached_tokens"] == r["total_tokens"]
         price = {MODEL: 0.02, "text-embedding-3-large": 0.13}[r["model"]]
-        assert r["upstream_cost_usd"] == round(r["upstream_tokens"] * price / 1e6, 6)
+        assert r["upstream_cost_usd"] == pytest.approx(r["upstream_tokens"] * price / 1e6, rel=1e-12)
+        assert r["saved_usd"] == pytest.approx(r["cached_tokens"] * price / 1e6, rel=1e-12)
 
     by_key = await (await admin(q, "GET", f"/admin/usage?team=search&since={today}&until={today}&by=key"
                                 "&format=csv")).text()
@@ -301,12 +344,13 @@ async def test_a_cache_hit_with_quotas_costs_one_redis_round_trip(
     body = {"model": MODEL, "input": "one two three"}
     assert (await p.embed(key, body)).status == 200  # verifies the key, reads the team, fills the cache
     await settle(p)
+    await p.app[LEDGER].flush()  # so that the periodic flush has nothing to do during the count
     calls: list[str] = []
     real_call = store.call
 
-    async def counting(op: str, fn: Any) -> Any:
+    async def counting(op: str, fn: Any, **kw: Any) -> Any:
         calls.append(op)
-        return await real_call(op, fn)
+        return await real_call(op, fn, **kw)
 
     store.call = counting  # type: ignore[method-assign]
     hit = await p.embed(key, body)

@@ -1,16 +1,24 @@
 -- Atomic check-and-reserve for quota counters (fixed windows).
 -- KEYS[i]: counter i.  ARGV[3i-2]: its limit, ARGV[3i-1]: the amount to add, ARGV[3i]: unix time it expires at.
 -- All or nothing: if any counter with a positive amount would pass its limit, nothing changes and the reply is
--- {0, i, current value of counter i}. Otherwise every amount is added and the reply is {1, value1, value2, ...}
--- (the values after adding). A refused request therefore consumes nothing.
+-- {0, i, current value of counter i, value1, value2, ...} (every counter's current value, for the headers).
+-- Otherwise every amount is added and the reply is {1, value1, value2, ...} (the values after adding).
+-- A refused request therefore consumes nothing.
 local values = {}
+local refused = 0
 for i = 1, #KEYS do
   local amount = tonumber(ARGV[3 * i - 1])
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if amount > 0 and current + amount > tonumber(ARGV[3 * i - 2]) then
-    return {0, i, current}
+  values[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if refused == 0 and amount > 0 and values[i] + amount > tonumber(ARGV[3 * i - 2]) then
+    refused = i
   end
-  values[i] = current
+end
+if refused > 0 then
+  local reply = {0, refused, values[refused]}
+  for i = 1, #KEYS do
+    reply[i + 3] = values[i]
+  end
+  return reply
 end
 local reply = {1}
 for i = 1, #KEYS do

@@ -1,0 +1,213 @@
+"""The usage ledger against a real Redis: idempotent flushes, reports that cannot take the hot path down, money."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from proxy.app import STORE
+from proxy.config import RedisSettings
+from proxy.rediskeys import RedisKeys
+from proxy.store import Store, StoreUnavailable, connect
+from proxy.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
+from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+
+pytestmark = pytest.mark.redis
+MODEL = "text-embedding-3-small"
+ADMIN = "admin-secret-for-tests-0123456789"
+DAY = "2026-11-05"
+NOON = float(calendar.timegm((2026, 11, 5, 12, 0, 0)))
+# Keeps Redis busy for ARGV[1] microseconds: every other client waits, and what they sent meanwhile is executed
+# afterwards (as when a long script or a slow command stalls a real server).
+BUSY = """
+local t = redis.call('TIME')
+local stop = tonumber(t[1]) * 1000000 + tonumber(t[2]) + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) >= stop
+return 1
+"""
+
+
+@asynccontextmanager
+async def busy_redis(server: RedisServer, seconds: float) -> AsyncIterator[asyncio.Task[Any]]:
+    """Redis stalled by a busy Lua script for `seconds`, starting now; yields the task that ends with it."""
+    client = server.client()
+    task = asyncio.create_task(asyncio.to_thread(client.eval, BUSY, 0, int(seconds * 1e6)))
+    await asyncio.sleep(0.05)  # the script is running
+    try:
+        yield task
+    finally:
+        await task
+        client.close()
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[Any]:
+    made: list[Store] = []
+
+    def make(**redis: Any) -> Store:
+        settings = RedisSettings(url=redis_url, **redis)
+        store = Store(connect(settings)[0], settings)
+        made.append(store)
+        return store
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+async def test_operator_calls_have_their_own_time_limit_and_never_mark_redis_down() -> None:
+    now = Clock(100.0)
+    errors: list[str] = []
+    store = Store(object(), RedisSettings(socket_timeout_s=0.01, operator_timeout_s=0.2, retry_interval_s=5),
+                  clock=now, on_error=errors.append)
+
+    async def slow(_: Any) -> str:
+        await asyncio.sleep(0.05)
+        return "done"
+
+    assert await store.call("report", slow, timeout_s=store.operator_timeout_s, mark_down=False) == "done"
+    with pytest.raises(StoreUnavailable):
+        await store.call("report", slow, timeout_s=0.02, mark_down=False)
+    assert store.available and errors == ["report"]  # counted, but the hot path keeps using Redis
+    with pytest.raises(StoreUnavailable):
+        await store.call("mget", slow)  # the hot path's own limit: marks Redis down
+    assert not store.available and errors == ["report", "mget"]
+    # while the hot path bypasses Redis, operator work still tries it, and its success does not end the bypass
+    assert await store.call("report", slow, timeout_s=0.2, mark_down=False) == "done"
+    assert not store.available
+    with pytest.raises(StoreUnavailable, match="marked unavailable"):
+        await store.call("mget", slow)
+
+
+def test_ledger_key_formats_are_literal_and_share_a_slot() -> None:
+    k = RedisKeys("ep")
+    assert k.usage("search", DAY) == "ep:usage:search:2026-11-05"
+    assert k.usage_flushes("search", DAY) == "ep:usage-flushes:{ep:usage:search:2026-11-05}"
+    assert k.usage_teams() == "ep:usage-teams"
+    assert key_slot(k.usage_flushes("search", DAY).encode()) == key_slot(k.usage("search", DAY).encode())
+
+
+async def test_a_flush_that_timed_out_after_redis_applied_it_is_not_counted_twice(
+    redis_server: RedisServer, stores: Any
+) -> None:
+    # The flush's time limit (0.3 s) is shorter than the stall (1 s): the client gives up, then Redis applies the
+    # pipeline it had already received. The retry must be recognised as the same batch.
+    store = stores(socket_timeout_s=0.1, operator_timeout_s=0.3)
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
+    ledger.record("ads", "key_z", MODEL, prompt_tokens=1, upstream_tokens=1)
+    await ledger.flush()  # an earlier flush: the connection is open and the script loaded, as in a running proxy
+    ledger.record("search", "key_a", MODEL, prompt_tokens=10, upstream_tokens=10)
+    async with busy_redis(redis_server, 1.0) as stall:
+        with pytest.raises(StoreUnavailable):
+            await ledger.flush()
+        ledger.record("search", "key_a", MODEL, prompt_tokens=4, upstream_tokens=1)  # lands in the next batch
+        await stall
+    assert store.available  # a slow background write does not make the hot path bypass Redis
+    raw = redis_server.client()
+    assert raw.hget("ep:usage:search:2026-11-05", "key_a|text-embedding-3-small|requests") == b"1"  # applied
+    await ledger.flush()  # the same batch again (skipped), then the new one
+    await ledger.flush()  # nothing left
+    got = {k.decode(): int(v) for k, v in raw.hgetall("ep:usage:search:2026-11-05").items()}
+    assert got == {"key_a|text-embedding-3-small|requests": 2, "key_a|text-embedding-3-small|upstream_tokens": 11,
+                   "key_a|text-embedding-3-small|cached_tokens": 3}
+    marks = raw.hgetall("ep:usage-flushes:{ep:usage:search:2026-11-05}")
+    assert list(marks.values()) == [b"3"] and raw.ttl("ep:usage-flushes:{ep:usage:search:2026-11-05}") > 0
+
+
+async def test_flush_reloads_its_script_after_a_redis_script_flush(redis_server: RedisServer, stores: Any) -> None:
+    store = stores()
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
+    ledger.record("ads", "key_b", MODEL, prompt_tokens=3, upstream_tokens=0)
+    redis_server.client().script_flush()
+    await ledger.flush()
+    rows = await ledger.report("ads", dt.date(2026, 11, 5), dt.date(2026, 11, 5), None, {})
+    assert [(r["requests"], r["cached_tokens"]) for r in rows] == [(1, 3)]
+
+
+async def test_report_reads_in_bounded_chunks_with_the_operator_time_limit(stores: Any) -> None:
+    store = stores(operator_timeout_s=7.0)
+    keys = RedisKeys("ep")
+    ledger = UsageLedger(store, keys)
+    calls: list[tuple[str, Any, Any]] = []
+    real_call = store.call
+
+    async def spy(op: str, fn: Any, **kw: Any) -> Any:
+        calls.append((op, kw.get("timeout_s"), kw.get("mark_down", True)))
+        return await real_call(op, fn, **kw)
+
+    store.call = spy  # type: ignore[method-assign]
+    since = dt.date(2026, 1, 1)
+    until = since + dt.timedelta(days=REPORT_CHUNK)  # REPORT_CHUNK + 1 days of one team: two pipelines
+    assert await ledger.report("search", since, until, None, {}) == []
+    assert calls == [("usage-report", 7.0, False)] * 2
+    calls.clear()
+    await ledger.report(None, since, since, "key", {})  # all teams: the team index is read first
+    assert calls == [("usage-report", 7.0, False)]
+
+
+async def test_money_is_exact_and_key_rows_add_up_to_the_team_row(stores: Any) -> None:
+    store = stores()
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
+    prices = {MODEL: 0.02, "text-embedding-3-large": 0.13}
+    for key_id, model, prompt, upstream in [("key_a", MODEL, 7, 3), ("key_b", MODEL, 5, 5),
+                                            ("key_c", "text-embedding-3-large", 11, 2), ("key_a", MODEL, 1, 0)]:
+        ledger.record("search", key_id, model, prompt, upstream)
+    await ledger.flush()
+    day = dt.date(2026, 11, 5)
+    (team,) = await ledger.report("search", day, day, None, prices)
+    assert team["upstream_tokens"] == 10 and team["cached_tokens"] == 14
+    # 8 tokens of the small model and 2 of the large one went upstream; 5 and 9 were served from the cache
+    assert team["upstream_cost_usd"] == pytest.approx((8 * 0.02 + 2 * 0.13) / 1e6, rel=1e-12)
+    assert team["saved_usd"] == pytest.approx((5 * 0.02 + 9 * 0.13) / 1e6, rel=1e-12)
+    assert team["upstream_cost_usd"] != round(team["upstream_cost_usd"], 6)  # not rounded away to 0.0
+    by_key = await ledger.report("search", day, day, "key", prices)
+    assert [r["key"] for r in by_key] == ["key_a", "key_b", "key_c"]
+    for money in ("upstream_cost_usd", "saved_usd"):
+        assert sum(r[money] for r in by_key) == pytest.approx(team[money], rel=1e-12)
+    for count in ("requests", "upstream_tokens", "cached_tokens", "total_tokens"):
+        assert sum(r[count] for r in by_key) == team[count]
+    csv_row = report_format(None).csv([team]).splitlines()[1].split(",")
+    assert float(csv_row[-2]) == team["upstream_cost_usd"] and float(csv_row[-1]) == team["saved_usd"]
+    table = report_format(None).table([team])
+    assert "0.000000" in table  # the table alone rounds, for display
+
+
+async def test_a_slow_admin_report_does_not_take_the_cache_down(
+    make_proxy: Any, upstream: Upstream, redis_url: str, redis_server: RedisServer
+) -> None:
+    # The hot path gives Redis 0.25 s; the report waits 0.8 s for a stalled Redis, within its own limit.
+    settings = make_settings(upstream.base_url, redis_url, "[redis]\nsocket_timeout_s = 0.25\n"
+                             "retry_interval_s = 5.0\noperator_timeout_s = 5.0\n", PROXY_ADMIN_KEY=ADMIN)
+    p: Proxy = await make_proxy(settings)
+    key = await p.new_key("search")
+    body = {"model": MODEL, "input": "hello there"}
+    assert (await p.embed(key, body)).headers["x-cache"] == "miss"
+    await settle(p)
+    today = day_of(time.time())
+    async with busy_redis(redis_server, 0.8):
+        started = time.monotonic()
+        report = await p.client.get(f"/admin/usage?since={today}&until={today}&by=key",
+                                    headers={"Authorization": f"Bearer {ADMIN}"})
+        waited = time.monotonic() - started
+    assert report.status == 200, await report.text()
+    assert waited > 0.25  # it did outlast the hot path's limit
+    assert [r["requests"] for r in (await report.json())["data"]] == [1]
+    assert p.app[STORE].available
+    hit = await p.embed(key, body)  # right after: the cache is still in use
+    assert hit.status == 200 and hit.headers["x-cache"] == "hit"
