@@ -37,7 +37,10 @@ from .scenarios import (
 )
 
 GROUPS = ("hit", "miss", "big", "dedup", "reject", "memory", "soak")
-HIT_VARIANTS = [(1, "base64"), (1, "float"), (100, "base64"), (100, "float")]
+# (inputs, encoding, tier): "local" is the proxy as configured by default (an entry read from Redis once is then
+# answered in process); "redis" is a second proxy with the in-process tier off, so every hit is an MGET.
+HIT_VARIANTS = [(1, "base64", "local"), (1, "float", "local"), (100, "base64", "local"), (100, "float", "local"),
+                (1, "base64", "redis"), (100, "base64", "redis")]
 RESULTS = Path(__file__).with_name("results")
 QUOTA_TEAM = "benchquota"
 
@@ -159,6 +162,9 @@ async def run(args: argparse.Namespace) -> int:
         meta["workers"] = workers if has_workers else "serve has no --workers: one process"
         penv = E.proxy_env(redis_proc.port, mock.port, config)
         proxy = E.start_proxy(e, penv, workers)
+        redis_config = workdir / "proxy-redis-tier.toml"
+        redis_config.write_text(config.read_text() + "\n[cache]\nlocal_max_mb = 0\n")
+        redis_tier = E.start_proxy(e, {**penv, "PROXY_CONFIG": str(redis_config)}, workers, name="proxy-redis-tier")
         await asyncio.sleep(0.5 if workers in (None, 1) else 2.0)
         key = E.create_key(penv, "bench")
 
@@ -169,6 +175,7 @@ async def run(args: argparse.Namespace) -> int:
         else:
             if workers in (None, 1):
                 pins.append(proxy.pin(server_cores))
+                pins.append(redis_tier.pin(server_cores))
             else:
                 pins.append(f"proxy: {workers} workers, not pinned (they need every core)")
             pins.append(baseline.pin(server_cores))
@@ -177,7 +184,7 @@ async def run(args: argparse.Namespace) -> int:
         print("pinning: " + "; ".join(pins), flush=True)
 
         qkey, qnote = await quota_probe(proxy.port, penv, quota_enabled, quota_note)
-        ctx = Ctx(opts, proxy, mock, baseline, redis_proc, rclient, key, qkey, qnote)
+        ctx = Ctx(opts, proxy, mock, baseline, redis_proc, rclient, key, qkey, qnote, redis_tier)
         meta["quota"] = qnote
 
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [

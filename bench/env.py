@@ -206,13 +206,13 @@ def proxy_env(redis_port: int, mock_port: int, config: Path) -> dict[str, str]:
     }
 
 
-def start_proxy(env: Env, penv: dict[str, str], workers: int | None) -> Proc:
+def start_proxy(env: Env, penv: dict[str, str], workers: int | None, name: str = "proxy") -> Proc:
     port = free_port()
     argv = [bin_path("embedding-proxy"), "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port",
             str(port)]
     if workers is not None:
         argv += ["--workers", str(workers)]
-    return env.start("proxy", argv, port, penv)
+    return env.start(name, argv, port, penv)
 
 
 def create_key(penv: dict[str, str], team: str) -> str:
