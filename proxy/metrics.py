@@ -24,8 +24,12 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Fixed enums, exported at 0 from the start so rates, ratios and alerts have a series before the first event.
 CACHE_RESULTS = ("hit", "miss", "error")
-REDIS_OPS = ("mget", "set", "ping", "cache-secret", "key-create", "key-get", "key-list", "key-revoke")
-UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "invalid_request", "other")
+# Every `op` passed to Store.call (tests/test_redis_errors.py checks the list against the source).
+REDIS_OPS = ("mget", "set", "ping", "cache-secret", "quota", "key-create", "key-get", "key-list", "key-update",
+             "team-get", "team-set", "team-list", "usage-flush", "usage-report")
+# invalid_request is the client's own input refused by the upstream: not an upstream failure (alerts leave it out).
+UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "auth", "connect",
+                        "invalid_request", "other")
 _KIND_BY_CODE = {
     "upstream_timeout": "timeout",
     "service_unavailable": "unavailable",
@@ -109,7 +113,9 @@ class Metrics:
             registry=r,
         )
         self.redis_errors = Counter(
-            f"{_PREFIX}_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r,
+            f"{_PREFIX}_redis_errors",
+            "Redis calls that failed, timed out, got an error reply, or were refused at once while Redis was "
+            "marked down (failed from the caller's view), by operation.", ["op"], registry=r,
         )
         self.cache_write_errors = Counter(
             f"{_PREFIX}_cache_write_errors", "Cache writes that could not be made.", registry=r,

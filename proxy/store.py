@@ -3,6 +3,8 @@
 Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError`, `OSError` and
 timeouts into `StoreUnavailable`. After a failure the store is left alone for `retry_interval_s` (callers get
 `StoreUnavailable` at once instead of waiting on a dead server), then tried again: recovery needs no restart.
+`on_error(op)` hears of every call that failed from its caller's view: raised, timed out, refused at once while
+Redis is left alone, or answered with an error reply inside a pipeline run with `raise_on_error=False`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .config import RedisSettings
 
@@ -69,6 +71,7 @@ class Store:
 
     async def call(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         if not self.available:
+            self._count(op)
             raise StoreUnavailable("redis is marked unavailable")
         try:
             async with asyncio.timeout(self._timeout):  # cheaper than wait_for: no extra task per call
@@ -79,7 +82,14 @@ class Store:
         if self._down:
             self._down = False
             log.warning("redis reachable again; cache and key store back in use")
+        if isinstance(result, list) and any(
+                isinstance(x, RedisError) and not isinstance(x, NoScriptError) for x in result):
+            self._count(op)  # an error reply in a pipeline (NOSCRIPT excepted: the script is simply sent again)
         return result
+
+    def _count(self, op: str) -> None:
+        if self._on_error is not None:
+            self._on_error(op)
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         if not self._down:
@@ -87,8 +97,7 @@ class Store:
                         self._retry_interval)
         self._down = True
         self._down_until = self._clock() + self._retry_interval
-        if self._on_error is not None:
-            self._on_error(op)
+        self._count(op)
 
     async def ping(self) -> bool:
         try:
