@@ -11,6 +11,19 @@ from typing import Any
 import orjson
 
 
+class ErrorCode(str):
+    """An error `code` that also carries a finer `kind` for the metrics: clients see (and JSON holds) only the
+    plain code, while `metrics.upstream_error_kind` tells e.g. an upstream credential failure from a connection
+    failure, both `upstream_error` to clients."""
+
+    kind: str
+
+    def __new__(cls, code: str, kind: str) -> ErrorCode:
+        made = super().__new__(cls, code)
+        made.kind = kind
+        return made
+
+
 class ProxyError(Exception):
     status = 500
     type = "server_error"
@@ -85,11 +98,18 @@ class QuotaExceeded(ProxyError):
 
 
 class UpstreamBadGateway(ProxyError):
-    """The upstream failed, answered with an error, or answered with something we refuse to trust."""
+    """The upstream failed, answered with an error, or answered with something we refuse to trust.
+
+    `kind` (metrics only; clients always see code `upstream_error`): `bad_gateway` (an error status or an answer
+    we refuse), `auth` (the upstream refused the proxy's credentials), `connect` (no connection, or it dropped)."""
 
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+    def __init__(self, message: str, *, kind: str = "bad_gateway") -> None:
+        super().__init__(message, code=ErrorCode(type(self).code or "", kind))
+        self.kind = kind
 
 
 class ServiceUnavailable(ProxyError):

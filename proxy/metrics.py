@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from . import __version__
+from .errors import ErrorCode
 
 _PREFIX = "embedding_proxy"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -40,7 +41,9 @@ _KIND_BY_CODE = {
 
 
 def upstream_error_kind(code: str | None, status: int) -> str:
-    """The `kind` label of an upstream error, from the proxy error it became."""
+    """The `kind` label of an upstream error, from the proxy error it became (its code may carry the kind)."""
+    if isinstance(code, ErrorCode):
+        return code.kind
     if code is None and status == 400:
         return "invalid_request"
     return _KIND_BY_CODE.get(code or "", "other")
@@ -93,7 +96,9 @@ class Metrics:
             ["result"], registry=r,
         )
         self.upstream_requests = Counter(
-            f"{_PREFIX}_upstream_requests", "Upstream embeddings calls (retries included) by outcome (ok, error).",
+            f"{_PREFIX}_upstream_requests",
+            "Upstream embeddings calls by outcome (ok, error): one per call however many attempts it took "
+            "(retried attempts are counted in embedding_proxy_upstream_retries_total).",
             ["model", "outcome"], registry=r,
         )
         self.upstream_errors = Counter(

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accesslog import AccessRecord, access_line, error_code
-from proxy.metrics import Metrics, upstream_error_kind
+from proxy.errors import UpstreamBadGateway
+from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, upstream_error_kind
 from tests.conftest import UPSTREAM_KEY, Proxy, settle
 
 pytestmark = pytest.mark.redis
@@ -89,6 +90,13 @@ def test_upstream_error_kinds() -> None:
     assert upstream_error_kind("upstream_error", 502) == "bad_gateway"
     assert upstream_error_kind(None, 400) == "invalid_request"
     assert upstream_error_kind(None, 0) == "other"
+    # clients see `upstream_error` for all three; the metrics tell them apart
+    for kind in ("bad_gateway", "auth", "connect"):
+        err = UpstreamBadGateway("x", kind=kind)
+        assert err.body()["error"]["code"] == "upstream_error" and err.to_json().count(b'"upstream_error"') == 1
+        assert upstream_error_kind(err.code, err.status) == kind
+    assert upstream_error_kind(UpstreamBadGateway("x").code, 502) == "bad_gateway"
+    assert set(UPSTREAM_ERROR_KINDS) >= {"auth", "connect", "invalid_request", "bad_gateway"}
 
 
 def test_access_line_literal() -> None:

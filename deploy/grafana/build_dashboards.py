@@ -54,8 +54,9 @@ OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
     ("timeseries", "In-flight requests", "short", [_q("sum(embedding_proxy_requests_in_flight)", "in flight")]),
     ("timeseries", "Upstream calls by outcome", "reqps", [_q(
         f"sum by (model, outcome) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}} {{outcome}}")]),
-    ("timeseries", "Upstream error ratio", "percentunit", [_q(
-        f'sum by (model) (rate(embedding_proxy_upstream_requests_total{{outcome="error"}}[{RI}])) '
+    # as the alert: upstream 400s (the client's own input) are not the upstream failing
+    ("timeseries", "Upstream error ratio (client input refusals left out)", "percentunit", [_q(
+        f'sum by (model) (rate(embedding_proxy_upstream_errors_total{{kind!="invalid_request"}}[{RI}])) '
         f"/ sum by (model) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}}")]),
     ("timeseries", "Upstream errors by kind", "reqps", [_q(
         f"sum by (kind) (rate(embedding_proxy_upstream_errors_total[{RI}]))", "{{kind}}")]),
