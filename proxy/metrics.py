@@ -139,6 +139,12 @@ class Metrics:
             f"{_PREFIX}_quota_remaining", "What is left of a quota limit in its current window.",
             ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
         )
+        # When each limit's current window ends (Unix time): past it the window's counter is gone, so the limit is
+        # fully available whatever quota_remaining last said (the usage board's headroom panel reads it so).
+        self.quota_window_end = Gauge(
+            f"{_PREFIX}_quota_window_end_timestamp_seconds", "When the current window of a quota limit ends.",
+            ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
+        )
         self.build_info = Gauge(
             f"{_PREFIX}_build_info", "Build information (always 1).", ["version", "python"], registry=r,
             multiprocess_mode="max",

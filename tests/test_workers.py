@@ -28,6 +28,7 @@ from tests.stack import (
     scrape,
     start_mock,
     start_proxy,
+    value,
 )
 
 pytestmark = pytest.mark.redis
@@ -154,6 +155,12 @@ def test_quota_rejection_is_counted_once_across_workers(stack: Stack) -> None:
     assert rejected == 1
     assert delta(before, after, "embedding_proxy_requests_total", team="quota-team", status_class="4xx") == 1
     assert delta(before, after, "embedding_proxy_requests_total", team="quota-team", status_class="2xx") == 2
+    # the quota gauges are one value per limit (the most recent of any worker), window end included
+    labels = {"team": "quota-team", "limit": "rpm"}
+    assert value(after, "embedding_proxy_quota_limit", **labels) == 2
+    assert value(after, "embedding_proxy_quota_remaining", **labels) == 0
+    ends = value(after, "embedding_proxy_quota_window_end_timestamp_seconds", **labels)
+    assert ends % 60 == 0 and time.time() < ends + 60  # the end of a UTC minute, this one or the last
 
 
 def test_sigterm_stops_every_worker_and_removes_metric_files(redis_server: RedisServer, tmp_path: Path) -> None:
