@@ -60,9 +60,11 @@ class Metrics:
             f"{_PREFIX}_requests", "Embedding requests by outcome.",
             ["team", "key_id", "model", "status_class", "cache"], registry=r,
         )
+        # status_class lets latency panels leave out fast refusals (4xx: auth, validation, quota)
         self.request_latency = Histogram(
-            f"{_PREFIX}_request_duration_seconds", "Time to answer an embeddings request, by cache outcome.",
-            ["model", "cache"], buckets=_LATENCY_BUCKETS, registry=r,
+            f"{_PREFIX}_request_duration_seconds",
+            "Time to answer an embeddings request, by cache outcome and status class.",
+            ["model", "cache", "status_class"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(
             f"{_PREFIX}_requests_in_flight", "Embeddings requests being handled now.",
@@ -170,8 +172,9 @@ class Metrics:
 
     def observe_request(self, team: str, key_id: str, model: str, status: int, cache: str, seconds: float) -> None:
         """One answered /v1/embeddings request (any status); team and key are empty before authentication."""
-        self.child(self.requests, team, key_id, model, f"{status // 100}xx", cache).inc()
-        self.child(self.request_latency, model, cache).observe(seconds)
+        status_class = f"{status // 100}xx"
+        self.child(self.requests, team, key_id, model, status_class, cache).inc()
+        self.child(self.request_latency, model, cache, status_class).observe(seconds)
 
     def observe_embedding(
         self, team: str, key_id: str, model: str, *, inputs: int, upstream_inputs: int, prompt_tokens: int,
