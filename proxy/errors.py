@@ -107,8 +107,10 @@ class UpstreamBadGateway(ProxyError):
     type = "server_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, kind: str = "bad_gateway") -> None:
-        super().__init__(message, code=ErrorCode(type(self).code or "", kind))
+    def __init__(
+        self, message: str, *, kind: str = "bad_gateway", param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=ErrorCode(type(self).code or "", kind), retry_after=retry_after)
         self.kind = kind
 
 
