@@ -99,11 +99,20 @@ class QuotaExceeded(ProxyError):
 
 
 class UpstreamBadGateway(ProxyError):
-    """The upstream failed, answered with an error, or answered with something we refuse to trust."""
+    """The upstream failed, answered with an error, or answered with something we refuse to trust.
+
+    `kind` (metrics only; clients always see code `upstream_error`): `bad_gateway` (an error status or an answer
+    we refuse), `auth` (the upstream refused the proxy's credentials), `connect` (no connection, or it dropped)."""
 
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+    def __init__(
+        self, message: str, *, kind: str = "bad_gateway", param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, param=param, retry_after=retry_after)
+        self.kind = kind
 
 
 class ServiceUnavailable(ProxyError):

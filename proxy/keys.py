@@ -14,9 +14,9 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import AuthenticationFailed, KeyNotActive, PermissionDenied, ServiceUnavailable
 from .limits import UNLIMITED, Limits, check_team
@@ -26,7 +26,6 @@ from .store import Store, StoreUnavailable
 log = logging.getLogger("proxy.keys")
 KEY_PREFIX = "sk-gateway-"
 _KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
-T = TypeVar("T")
 
 
 def generate_key() -> str:
@@ -147,7 +146,7 @@ class KeyStore:
             pipe.zadd(self._keys.key_index(), {record.id: record.created_at})
             await pipe.execute()
 
-        await self._operator("key-create", write)
+        await self._store.operator_call("key-create", write)
         return key, record
 
     async def lookup(self, digest: str) -> KeyRecord | None:
@@ -165,7 +164,7 @@ class KeyStore:
                     pipe.hgetall(self._keys.key_record(d.decode()))
             return [KeyRecord.from_redis(raw) for raw in await pipe.execute() if raw]
 
-        records = await self._operator("key-list", read)
+        records = await self._store.operator_call("key-list", read)
         return [rec for rec in records if team is None or rec.team == team]
 
     async def get(self, key_id: str) -> KeyRecord | None:
@@ -211,12 +210,8 @@ class KeyStore:
             raw = await r.hgetall(record_key)
             return KeyRecord.from_redis(raw) if raw else None
 
-        return await self._operator("key-update", write)
+        return await self._store.operator_call("key-update", write)
 
-    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        # Operator work (CLI, admin API): a longer time limit, and a failure does not make the hot path bypass
-        # Redis. `lookup` (every request) keeps the hot path's limit.
-        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)
 
 
 def bearer_key(headers: Any) -> str | None:

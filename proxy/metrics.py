@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from . import __version__
+from .errors import ProxyError, UpstreamBadGateway
 
 _PREFIX = "embedding_proxy"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -24,8 +25,12 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # Fixed enums, exported at 0 from the start so rates, ratios and alerts have a series before the first event.
 CACHE_RESULTS = ("hit", "miss", "error")
-REDIS_OPS = ("mget", "set", "ping", "cache-secret", "key-create", "key-get", "key-list", "key-revoke")
-UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "invalid_request", "other")
+# Every `op` passed to Store.call (tests/test_redis_errors.py checks the list against the source).
+REDIS_OPS = ("mget", "set", "ping", "cache-secret", "quota", "key-create", "key-get", "key-list", "key-update",
+             "team-get", "team-set", "team-list", "usage-flush", "usage-report")
+# invalid_request is the client's own input refused by the upstream: not an upstream failure (alerts leave it out).
+UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "auth", "connect",
+                        "invalid_request", "other")
 _KIND_BY_CODE = {
     "upstream_timeout": "timeout",
     "service_unavailable": "unavailable",
@@ -35,11 +40,15 @@ _KIND_BY_CODE = {
 }
 
 
-def upstream_error_kind(code: str | None, status: int) -> str:
-    """The `kind` label of an upstream error, from the proxy error it became."""
-    if code is None and status == 400:
+def upstream_error_kind(exc: ProxyError | None) -> str:
+    """The `kind` label of a failed upstream call, from the proxy error it became (None: not a ProxyError)."""
+    if exc is None:
+        return "other"
+    if isinstance(exc, UpstreamBadGateway):
+        return exc.kind  # bad_gateway, auth or connect: clients see code `upstream_error` for all three
+    if exc.code is None and exc.status == 400:
         return "invalid_request"
-    return _KIND_BY_CODE.get(code or "", "other")
+    return _KIND_BY_CODE.get(exc.code or "", "other")
 
 
 class Metrics:
@@ -53,9 +62,11 @@ class Metrics:
             f"{_PREFIX}_requests", "Embedding requests by outcome.",
             ["team", "key_id", "model", "status_class", "cache"], registry=r,
         )
+        # status_class lets latency panels leave out fast refusals (4xx: auth, validation, quota)
         self.request_latency = Histogram(
-            f"{_PREFIX}_request_duration_seconds", "Time to answer an embeddings request, by cache outcome.",
-            ["model", "cache"], buckets=_LATENCY_BUCKETS, registry=r,
+            f"{_PREFIX}_request_duration_seconds",
+            "Time to answer an embeddings request, by cache outcome and status class.",
+            ["model", "cache", "status_class"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge(
             f"{_PREFIX}_requests_in_flight", "Embeddings requests being handled now.",
@@ -89,7 +100,9 @@ class Metrics:
             ["result"], registry=r,
         )
         self.upstream_requests = Counter(
-            f"{_PREFIX}_upstream_requests", "Upstream embeddings calls (retries included) by outcome (ok, error).",
+            f"{_PREFIX}_upstream_requests",
+            "Upstream embeddings calls by outcome (ok, error): one per call however many attempts it took "
+            "(retried attempts are counted in embedding_proxy_upstream_retries_total).",
             ["model", "outcome"], registry=r,
         )
         self.upstream_errors = Counter(
@@ -109,7 +122,9 @@ class Metrics:
             registry=r,
         )
         self.redis_errors = Counter(
-            f"{_PREFIX}_redis_errors", "Redis calls that failed or timed out, by operation.", ["op"], registry=r,
+            f"{_PREFIX}_redis_errors",
+            "Redis calls that failed, timed out, got an error reply, or were refused at once while Redis was "
+            "marked down (failed from the caller's view), by operation.", ["op"], registry=r,
         )
         self.local_hits = Counter(
             f"{_PREFIX}_cache_local_hits", "Unique inputs answered by the in-process cache tier (no Redis read); "
@@ -130,6 +145,12 @@ class Metrics:
         )
         self.quota_remaining = Gauge(
             f"{_PREFIX}_quota_remaining", "What is left of a quota limit in its current window.",
+            ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
+        )
+        # When each limit's current window ends (Unix time): past it the window's counter is gone, so the limit is
+        # fully available whatever quota_remaining last said (the usage board's headroom panel reads it so).
+        self.quota_window_end = Gauge(
+            f"{_PREFIX}_quota_window_end_timestamp_seconds", "When the current window of a quota limit ends.",
             ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
         )
         self.build_info = Gauge(
@@ -157,8 +178,9 @@ class Metrics:
 
     def observe_request(self, team: str, key_id: str, model: str, status: int, cache: str, seconds: float) -> None:
         """One answered /v1/embeddings request (any status); team and key are empty before authentication."""
-        self.child(self.requests, team, key_id, model, f"{status // 100}xx", cache).inc()
-        self.child(self.request_latency, model, cache).observe(seconds)
+        status_class = f"{status // 100}xx"
+        self.child(self.requests, team, key_id, model, status_class, cache).inc()
+        self.child(self.request_latency, model, cache, status_class).observe(seconds)
 
     def observe_embedding(
         self, team: str, key_id: str, model: str, *, inputs: int, upstream_inputs: int, prompt_tokens: int,
@@ -180,9 +202,9 @@ class Metrics:
             child(self.tokens, team, key_id, model, "upstream").inc(billed_tokens)
             child(self.upstream_cost_usd, team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
 
-    def observe_upstream_error(self, model: str, code: str | None, status: int) -> None:
+    def observe_upstream_error(self, model: str, exc: ProxyError | None) -> None:
         self.upstream_requests.labels(model, "error").inc()
-        self.upstream_errors.labels(model, upstream_error_kind(code, status)).inc()
+        self.upstream_errors.labels(model, upstream_error_kind(exc)).inc()
 
     def render(self) -> bytes:
         if not self.multiprocess:

@@ -139,6 +139,7 @@ class Ticket:
             self.values = [v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
                                                                                   strict=True)]
             self.headers = rate_headers(self.counters, self.values, self.now)
+            self._quotas.observe(self.key, self.counters, self.values)
 
     async def refund(self) -> None:
         """The request failed: give its tokens back (it keeps its request slot: it was made)."""
@@ -263,8 +264,11 @@ class Quotas:
         raise err
 
     def observe(self, key: KeyRecord, counters: list[Counter], values: list[int]) -> None:
+        """Export each limit, what is left of it and when its window ends (after that it is all available again:
+        the dashboards read the window end, so no task has to reset the gauges at every window edge)."""
         m = self._metrics
         for c, v in zip(counters, values, strict=True):
             key_id = "" if c.scope == "team" else key.id
             m.child(m.quota_limit, key.team, key_id, c.limit_name).set(c.limit)
             m.child(m.quota_remaining, key.team, key_id, c.limit_name).set(max(0, c.limit - v))
+            m.child(m.quota_window_end, key.team, key_id, c.limit_name).set(c.resets_at)

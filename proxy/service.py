@@ -309,7 +309,7 @@ class EmbeddingService:
             with m.upstream_latency.labels(req.model).time():
                 result = await self._upstream.embed(req.model, items, counts, req.dimensions, req.user)  # type: ignore[arg-type]
         except ProxyError as exc:
-            m.observe_upstream_error(req.model, exc.code, exc.status)
+            m.observe_upstream_error(req.model, exc)
             self._inflight.fail(keys, exc)
             return
         except asyncio.CancelledError:
@@ -317,7 +317,7 @@ class EmbeddingService:
             raise
         except Exception as exc:  # a bug must not leave other requests waiting forever
             log.exception("upstream call failed unexpectedly")
-            m.observe_upstream_error(req.model, None, 0)
+            m.observe_upstream_error(req.model, None)
             self._inflight.fail(keys, UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__})."))
             return
         m.upstream_requests.labels(req.model, "ok").inc()

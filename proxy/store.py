@@ -6,6 +6,8 @@ timeouts into `StoreUnavailable`. After a failure the store is left alone for `r
 Operator work (admin API, CLI, usage reports, ledger flushes) calls with `timeout_s=store.operator_timeout_s,
 mark_down=False`: it may be slow without being a sign of trouble, so its failure is its own and never makes the
 hot path bypass Redis (and it does not wait out the hot path's `retry_interval_s` either).
+`on_error(op)` hears of every call that failed from its caller's view: raised, timed out, refused at once while
+Redis is left alone, or answered with an error reply inside a pipeline run with `raise_on_error=False`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .config import RedisSettings
 
 log = logging.getLogger("proxy.store")
+# A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
+_STALL_FACTOR = 0.5
 T = TypeVar("T")
 
 
@@ -86,20 +90,40 @@ class Store:
         failure is counted and raised but does not make everyone else bypass Redis for `retry_interval_s`, and
         the call is tried even while they do (a shutdown flush, say, right after the hot path gave up on Redis)."""
         if mark_down and not self.available:
+            self._count(op)
             raise StoreUnavailable("redis is marked unavailable")
+        limit = self._timeout if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
         try:
-            async with asyncio.timeout(self._timeout if timeout_s is None else timeout_s):  # no task per call
+            async with asyncio.timeout_at(deadline):  # no task per call (wait_for would make one)
                 result = await fn(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            if mark_down:
+            # A timeout that fired well after its deadline means this process's event loop was blocked (a long
+            # computation, an overloaded process): the reply may be sitting unread. That is not Redis failing, so
+            # only this call gives up; marking Redis down would send everyone upstream and deepen the overload.
+            stalled = isinstance(exc, TimeoutError) and loop.time() - deadline > _STALL_FACTOR * limit
+            if mark_down and not stalled:
                 self._mark_down(op, exc)
-            elif self._on_error is not None:
-                self._on_error(op)
+            else:
+                self._count(op)
             raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}") from exc
         if self._down and mark_down:  # only the hot path's own calls end its bypass
             self._down = False
             log.warning("redis reachable again; cache and key store back in use")
+        if isinstance(result, list) and any(
+                isinstance(x, RedisError) and not isinstance(x, NoScriptError) for x in result):
+            self._count(op)  # an error reply in a pipeline (NOSCRIPT excepted: the script is simply sent again)
         return result
+
+    async def operator_call(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """`call` for operator work (admin API, CLI, reports, ledger flushes): `operator_timeout_s`, and its
+        failure never makes the request path bypass Redis."""
+        return await self.call(op, fn, timeout_s=self.operator_timeout_s, mark_down=False)
+
+    def _count(self, op: str) -> None:
+        if self._on_error is not None:
+            self._on_error(op)
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         if not self._down:
@@ -107,8 +131,7 @@ class Store:
                         self._retry_interval)
         self._down = True
         self._down_until = self._clock() + self._retry_interval
-        if self._on_error is not None:
-            self._on_error(op)
+        self._count(op)
 
     async def ping(self) -> bool:
         try:

@@ -9,14 +9,12 @@ last limits read (or the configured ones) stay in force.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .limits import Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
-
-T = TypeVar("T")
 
 
 class TeamStore:
@@ -60,7 +58,7 @@ class TeamStore:
         def read(r: Any) -> Any:
             return r.hgetall(self._keys.team(team))
 
-        raw = await (self._operator("team-get", read) if operator else self._store.call("team-get", read))
+        raw = await (self._store.operator_call("team-get", read) if operator else self._store.call("team-get", read))
         return Limits.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
 
     async def set(self, team: str, changes: Mapping[str, int | None]) -> Limits:
@@ -75,7 +73,7 @@ class TeamStore:
             pipe.sadd(self._keys.teams(), team)
             await pipe.execute()
 
-        await self._operator("team-set", write)
+        await self._store.operator_call("team-set", write)
         self._cached.pop(team, None)
         return limits
 
@@ -94,11 +92,8 @@ class TeamStore:
                 if raw
             }
 
-        stored = await self._operator("team-list", read)
+        stored = await self._store.operator_call("team-list", read)
         out = {name: (limits, "config") for name, limits in self._configured.items()}
         out.update({name: (limits, "runtime") for name, limits in stored.items()})
         return dict(sorted(out.items()))
 
-    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        # CLI and admin API: a longer time limit; a failure does not make the hot path bypass Redis.
-        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)

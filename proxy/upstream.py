@@ -168,7 +168,10 @@ class UpstreamClient:
                 raise upstream_status_error(resp.status, body, parse_retry_after(resp.headers), secret=api_key)
         except TimeoutError:
             raise _Retryable(UpstreamTimeout("The upstream timed out.")) from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientConnectionError as exc:  # refused, reset, dropped mid-answer, DNS, TLS
+            raise _Retryable(UpstreamBadGateway(f"Could not reach the upstream ({type(exc).__name__}).",
+                                                kind="connect")) from None
+        except aiohttp.ClientError as exc:  # e.g. a malformed HTTP answer
             raise _Retryable(UpstreamBadGateway(f"Could not reach the upstream ({type(exc).__name__}).")) from None
 
 
@@ -193,7 +196,7 @@ def upstream_status_error(status: int, body: bytes, retry_after: float | None, *
     if status in _RETRYABLE:
         return _Retryable(UpstreamBadGateway(f"The upstream answered with status {status}."), retry_after)
     if status in (401, 403):
-        return UpstreamBadGateway("The upstream refused the proxy's credentials.")
+        return UpstreamBadGateway("The upstream refused the proxy's credentials.", kind="auth")
     if status == 400:
         message = _upstream_message(body) or "The upstream refused the request."
         if secret:

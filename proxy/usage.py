@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import orjson
 from redis.exceptions import NoScriptError
@@ -37,7 +37,6 @@ log = logging.getLogger("proxy.usage")
 METRICS = ("requests", "upstream_tokens", "cached_tokens")
 GroupBy = Literal["team", "key", "model", "day"]
 REPORT_CHUNK = 500  # ledger hashes read per pipeline: each one round trip bounded by operator_timeout_s
-T = TypeVar("T")
 Slots = dict[tuple[str, str], dict[str, int]]  # (team, day) -> field -> amount
 
 
@@ -94,7 +93,7 @@ class UsageLedger:
                     self._seq += 1
                     self._unacked = _Batch(self._seq, self._pending)
                     self._pending = _slots()
-                await self._operator("usage-flush", functools.partial(self._write, batch=self._unacked))
+                await self._store.operator_call("usage-flush", functools.partial(self._write, batch=self._unacked))
                 self._unacked = None
 
     async def _write(self, r: Any, *, batch: _Batch) -> None:
@@ -141,14 +140,14 @@ class UsageLedger:
         if team:
             teams = [team]
         else:
-            members = await self._operator("usage-report", lambda r: r.smembers(self._keys.usage_teams()))
+            members = await self._store.operator_call("usage-report", lambda r: r.smembers(self._keys.usage_teams()))
             teams = sorted(t.decode() for t in members)
         slots = [(t, d) for t in teams for d in days]
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         tokens: dict[tuple[str, str], dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
         for start in range(0, len(slots), REPORT_CHUNK):
             chunk = slots[start:start + REPORT_CHUNK]
-            for (t, d), raw in zip(chunk, await self._operator("usage-report", _reader(self._keys, chunk)),
+            for (t, d), raw in zip(chunk, await self._store.operator_call("usage-report", _reader(self._keys, chunk)),
                                    strict=True):
                 for name, value in raw.items():
                     key_id, model, metric = name.decode().split("|")
@@ -169,8 +168,6 @@ class UsageLedger:
             out.append(row)
         return out
 
-    async def _operator(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        return await self._store.call(op, fn, timeout_s=self._store.operator_timeout_s, mark_down=False)
 
 
 def _reader(keys: RedisKeys, chunk: list[tuple[str, str]]) -> Callable[[Any], Awaitable[list[Any]]]:

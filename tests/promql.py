@@ -14,7 +14,7 @@ DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 
-# How Grafana fills its variables, for running a panel's query straight against Prometheus.
+# How Grafana fills its variables, for running a panel's query straight against Prometheus ("All" teams: `.*`).
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s", "$team": ".*"}
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
@@ -39,8 +39,10 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def substitute(expr: str) -> str:
-    for var, value in GRAFANA_VARIABLES.items():
+def substitute(expr: str, team: str | None = None) -> str:
+    """`expr` as Grafana would send it, for every team or (`team`) the one team picked in the variable."""
+    values = GRAFANA_VARIABLES if team is None else {**GRAFANA_VARIABLES, "$team": team}
+    for var, value in values.items():
         expr = expr.replace(var, value)
     assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
     return expr
@@ -51,11 +53,20 @@ def load_dashboard(path: Path) -> dict[str, Any]:
     return doc
 
 
-def panel_queries() -> list[tuple[str, str, str]]:
+def all_panels(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel of a dashboard, those inside rows included (a collapsed row keeps its panels in `panels`)."""
+    out = []
+    for panel in doc["panels"]:
+        out.append(panel)
+        out += panel.get("panels", [])
+    return out
+
+
+def panel_queries(paths: list[Path] = DASHBOARDS) -> list[tuple[str, str, str]]:
     """(dashboard file, panel title, expr) for every target of every panel."""
     out = []
-    for path in DASHBOARDS:
-        for panel in load_dashboard(path)["panels"]:
+    for path in paths:
+        for panel in all_panels(load_dashboard(path)):
             for target in panel.get("targets", []):
                 out.append((path.name, panel["title"], target["expr"]))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tests.promql import (
     DASHBOARDS,
     DEPLOY,
     alert_rules,
+    all_panels,
     exported_names,
     load_dashboard,
     metric_names,
@@ -38,9 +40,8 @@ def test_there_are_two_dashboards() -> None:
 def test_dashboard_is_what_grafana_needs(path: Path) -> None:
     doc = load_dashboard(path)
     assert doc["uid"] and doc["title"] and isinstance(doc["schemaVersion"], int)
-    panels = doc["panels"]
-    ids = [p["id"] for p in panels]
-    assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
+    assert_unique_panel_ids(doc)
+    panels = [p for p in all_panels(doc) if p["type"] != "row"]
 
     variables = {v["name"]: v for v in doc["templating"]["list"]}
     ds = variables["datasource"]
@@ -69,10 +70,48 @@ def test_dashboard_is_what_grafana_needs(path: Path) -> None:
                 assert 'team=~"$team"' in target["expr"], (path.name, panel["title"])
 
 
+def assert_unique_panel_ids(doc: dict[str, Any]) -> None:
+    ids = [p["id"] for p in all_panels(doc)]  # rows and the panels inside them too: Grafana needs them all unique
+    assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids), ids
+
+
+def test_panels_inside_rows_are_read_and_checked(tmp_path: Path) -> None:
+    doc = {"panels": [
+        {"id": 1, "type": "stat", "title": "top", "targets": [{"expr": "up"}]},
+        {"id": 2, "type": "row", "title": "collapsed", "collapsed": True, "panels": [
+            {"id": 3, "type": "timeseries", "title": "inside", "targets": [{"expr": "embedding_proxy_x_total"}]},
+        ]},
+    ]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(doc))
+    assert panel_queries([path]) == [("d.json", "top", "up"), ("d.json", "inside", "embedding_proxy_x_total")]
+    assert_unique_panel_ids(doc)
+    doc["panels"][1]["panels"][0]["id"] = 1
+    with pytest.raises(AssertionError):
+        assert_unique_panel_ids(doc)
+
+
+def test_panel_details_grafana_shows() -> None:
+    panels = {p["title"]: p for path in DASHBOARDS for p in all_panels(load_dashboard(path))}
+    headroom = next(p for t, p in panels.items() if t.startswith("Quota headroom"))
+    assert headroom["type"] == "bargauge"
+    assert headroom["fieldConfig"]["defaults"].items() >= {"unit": "percentunit", "min": 0, "max": 1}.items()
+    assert "embedding_proxy_quota_window_end_timestamp_seconds" in headroom["targets"][0]["expr"]
+    # a stat with nothing to count shows 0, not "No data"
+    assert panels["Quota rejections in range"]["targets"][0]["expr"].endswith(" or vector(0)")
+    # request latency percentiles leave fast 4xx refusals out
+    latency = [t["expr"] for title, p in panels.items() if title.startswith("Request latency") for t in p["targets"]]
+    assert latency and all('status_class!="4xx"' in e for e in latency)
+    # cost and savings per model, and up{} counts instances (scrape targets), not worker processes
+    per_model = [t["expr"] for p in panels.values() for t in p["targets"] if "sum by (model)" in t["expr"]]
+    assert any("upstream_cost_usd" in e for e in per_model) and any("cache_saved_usd" in e for e in per_model)
+    assert any("instances" in t for t, p in panels.items() if "up{" in p["targets"][0]["expr"])
+
+
 def test_overlapping_panels_are_absent() -> None:
     for path in DASHBOARDS:
         cells: set[tuple[int, int]] = set()
-        for panel in load_dashboard(path)["panels"]:
+        for panel in load_dashboard(path)["panels"]:  # top level: a collapsed row's panels are laid out apart
             g = panel["gridPos"]
             mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
             assert not cells & mine, (path.name, panel["title"])

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import KEYSTORE
-from tests.conftest import UPSTREAM_KEY, Proxy, RedisServer, Upstream, make_settings, settle
+from proxy.app import KEYSTORE, METRICS
+from tests.conftest import UPSTREAM_KEY, Proxy, RedisServer, Upstream, free_port, make_settings, settle
 from tests.helpers import assert_same_vectors, direct, vectors
 
 pytestmark = pytest.mark.redis
@@ -27,6 +27,12 @@ def assert_openai_error(body: Any, *, param: str | None = "__any__", code: str |
         assert err["param"] == param
     if code != "__any__":
         assert err["code"] == code
+
+
+def upstream_errors(proxy: Proxy) -> dict[str, float]:
+    """kind -> count of embedding_proxy_upstream_errors_total, for the kinds seen so far."""
+    return {s.labels["kind"]: s.value for f in proxy.app[METRICS].upstream_errors.collect() for s in f.samples
+            if s.name.endswith("_total") and s.value}
 
 
 INPUT = "invalid_input"
@@ -193,26 +199,29 @@ async def test_transient_upstream_failure_is_retried(proxy: Proxy, upstream: Ups
 
 
 @pytest.mark.parametrize(
-    ("mode", "status", "expected"),
+    ("mode", "status", "expected", "kind"),
     [
-        ("status", 500, 502),
-        ("status", 503, 503),
-        ("status", 429, 429),
-        ("disconnect", 0, 502),
-        ("wrong_count", 0, 502),
-        ("wrong_dims", 0, 502),
-        ("nan", 0, 502),
-        ("garbage", 0, 502),
+        ("status", 500, 502, "bad_gateway"),
+        ("status", 503, 503, "unavailable"),
+        ("status", 429, 429, "rate_limited"),
+        ("disconnect", 0, 502, "connect"),
+        ("wrong_count", 0, 502, "bad_gateway"),
+        ("wrong_dims", 0, 502, "bad_gateway"),
+        ("nan", 0, 502, "bad_gateway"),
+        ("garbage", 0, 502, "bad_gateway"),
     ],
 )
 async def test_persistent_upstream_failure_maps_to_openai_error_and_caches_nothing(
-    proxy: Proxy, upstream: Upstream, redis_server: RedisServer, mode: str, status: int, expected: int
+    proxy: Proxy, upstream: Upstream, redis_server: RedisServer, mode: str, status: int, expected: int, kind: str
 ) -> None:
     key = await proxy.new_key()
     upstream.state.fail_next(mode, times=10, status=status or 500)
     resp = await proxy.embed(key, {"model": MODEL, "input": ["f1", "f2"]})
     assert resp.status == expected, await resp.text()
     assert_openai_error(await resp.json())
+    if expected == 502:
+        assert (await resp.json())["error"]["code"] == "upstream_error"  # whatever the kind: clients see one code
+    assert upstream_errors(proxy) == {kind: 1}
     if expected == 429:
         assert int(resp.headers["Retry-After"]) >= 1
     assert upstream.state.requests == 4  # first try and max_retries = 3
@@ -259,3 +268,25 @@ async def test_upstream_credentials_refused_is_502_without_leaking(
     text = await resp.text()
     assert "sk-wrong-upstream-key" not in text
     assert "sk-wrong-upstream-key" not in caplog.text and UPSTREAM_KEY not in caplog.text
+    assert_openai_error(await resp.json(), code="upstream_error")
+    assert upstream_errors(proxy) == {"auth": 1}  # not retried, and told apart from a bad answer
+
+
+async def test_unreachable_upstream_and_refused_input_are_their_own_kinds(
+    make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: connection refused
+    proxy = await make_proxy(make_settings(nowhere, redis_url, "max_retries = 0\n"))
+    key = await proxy.new_key()
+    resp = await proxy.embed(key, {"model": MODEL, "input": "x"})
+    assert resp.status == 502
+    assert_openai_error(await resp.json(), code="upstream_error")
+    assert upstream_errors(proxy) == {"connect": 1}
+
+    # an upstream 400 is the client's own input: counted apart, and left out of the upstream error-ratio alert
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url))
+    key = await proxy.new_key()
+    upstream.state.fail_next("status", times=1, status=400)
+    resp = await proxy.embed(key, {"model": MODEL, "input": "x"})
+    assert resp.status == 400
+    assert upstream_errors(proxy) == {"invalid_request": 1}

@@ -14,7 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accesslog import AccessLog, AccessRecord, access_line, error_code
 from proxy.app import ACCESS_LOG
-from proxy.metrics import Metrics, upstream_error_kind
+from proxy.errors import (
+    InvalidRequest,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamBadGateway,
+    UpstreamTimeout,
+)
+from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, upstream_error_kind
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, Upstream, make_settings, settle
 
 pytestmark = pytest.mark.redis
@@ -183,12 +190,18 @@ def test_apps_in_one_process_keep_their_own_registries() -> None:
 
 
 def test_upstream_error_kinds() -> None:
-    assert upstream_error_kind("upstream_timeout", 504) == "timeout"
-    assert upstream_error_kind("service_unavailable", 503) == "unavailable"
-    assert upstream_error_kind("rate_limit_exceeded", 429) == "rate_limited"
-    assert upstream_error_kind("upstream_error", 502) == "bad_gateway"
-    assert upstream_error_kind(None, 400) == "invalid_request"
-    assert upstream_error_kind(None, 0) == "other"
+    assert upstream_error_kind(UpstreamTimeout("x")) == "timeout"
+    assert upstream_error_kind(ServiceUnavailable("x")) == "unavailable"
+    assert upstream_error_kind(RateLimited("x")) == "rate_limited"
+    assert upstream_error_kind(InvalidRequest("x")) == "invalid_request"
+    assert upstream_error_kind(None) == "other"
+    # clients see `upstream_error` for all three; the metrics tell them apart
+    for kind in ("bad_gateway", "auth", "connect"):
+        err = UpstreamBadGateway("x", kind=kind)
+        assert err.body()["error"]["code"] == "upstream_error" and err.to_json().count(b'"upstream_error"') == 1
+        assert upstream_error_kind(err) == kind
+    assert upstream_error_kind(UpstreamBadGateway("x")) == "bad_gateway"
+    assert set(UPSTREAM_ERROR_KINDS) >= {"auth", "connect", "invalid_request", "bad_gateway"}
 
 
 def test_access_line_literal() -> None:

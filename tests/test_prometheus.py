@@ -1,9 +1,15 @@
 """The real Prometheus, with the project's scrape config and alert rules, scraping a proxy under test traffic:
-every dashboard panel's query returns data, every alert rule evaluates, and promtool accepts config, rules and the
-/metrics exposition. Needs the Debian package `prometheus` (`.ci/run` installs it; under CI=true it must run)."""
+every dashboard panel's query returns a finite number (and the traffic panels more than 0), for all teams and for
+one team picked, every alert rule evaluates, and promtool accepts config, rules and the /metrics exposition.
+Needs the Debian package `prometheus` (`.ci/run` installs it; under CI=true it must run).
+
+Traffic comes in two rounds of the same kinds, with scrapes in between: a series' first sample is where rate()
+and increase() start, so traffic that all lands before the first scrape would leave every rate at 0 and every
+ratio and percentile NaN."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import RedisServer, free_port
 from tests.promql import ALERTS, SCRAPE_CONFIG, alert_rules, panel_queries, substitute
@@ -22,8 +29,19 @@ from tests.stack import CONFIG, Server, base_env, create_keys, embed, http, star
 
 pytestmark = pytest.mark.redis
 
-REQUESTS = 10  # embeddings requests sent by `_drive`
 QUOTA = "embedding_proxy_quota_"
+LARGE = "text-embedding-3-large"
+# Panels that must show traffic (a value > 0), not merely a finite number, after the test's two rounds.
+BUSY_PANELS = {
+    "Requests per second", "Cache hit ratio (unique inputs)", "Requests by status class", "Requests by cache outcome",
+    "Request latency (4xx refusals left out)", "Request latency p95 by cache outcome (4xx refusals left out)",
+    "Upstream calls by outcome", "Upstream latency (retries included)", "Inputs by source",
+    "Upstream cost in range (USD)", "Saved by the cache in range (USD)", "Tokens saved by the cache in range",
+    "Quota rejections in range", "Tokens per second by team and source", "Requests per second by team",
+    "Tokens per team and key in range", "Cache share of tokens by team", "Tokens saved by the cache per team",
+}
+# The concrete team picked in the `team` variable for the second run of the per-team panels.
+TEAM, QUOTA_TEAM = "search", "quota-team"
 
 
 def _binary(name: str) -> str:
@@ -58,25 +76,49 @@ def _scrape_config(metrics_port: int) -> str:
     return text
 
 
-def _drive(url: str, mock_url: str, keys: dict[str, tuple[str, str]], redis: RedisServer) -> None:
-    search, ads, quota = keys["search"][0], keys["ads"][0], keys["quota-team"][0]
-    assert embed(url, search, ["a", "b"])[0] == 200
+def _drive(url: str, mock_url: str, keys: dict[str, tuple[str, str]], redis: RedisServer, tag: str) -> int:
+    """One round of traffic: misses, a hit, a partial hit, another team and model, a 401, a retried call, an
+    upstream failure and a quota rejection. Rounds differ only in their inputs, so every round feeds the same
+    series. Returns how many embeddings requests it sent."""
+    search, ads, quota = keys["search"][0], keys["ads"][0], keys[QUOTA_TEAM][0]
     client = redis.client()
+    cached = len(client.keys("ep:emb:*"))
+    assert embed(url, search, [f"{tag}a", f"{tag}b"])[0] == 200
     deadline = time.monotonic() + 10
-    while len(client.keys("ep:emb:*")) < 2:  # cache writes land after the answer
+    while len(client.keys("ep:emb:*")) < cached + 2:  # cache writes land after the answer
         assert time.monotonic() < deadline
         time.sleep(0.02)
     client.close()
-    assert embed(url, search, ["a", "b"])[0] == 200  # hit
-    assert embed(url, search, ["a", "c"])[0] == 200  # partial
-    assert embed(url, ads, ["x"], model="text-embedding-3-large")[0] == 200
+    assert embed(url, search, [f"{tag}a", f"{tag}b"])[0] == 200  # hit
+    assert embed(url, search, [f"{tag}a", f"{tag}c"])[0] == 200  # partial
+    assert embed(url, ads, [f"{tag}x"], model=LARGE)[0] == 200
     assert embed(url, "sk-gateway-" + "x" * 43, ["a"])[0] == 401
     http("POST", mock_url + "/_mock/fail", {"mode": "status", "status": 500, "times": 1})
-    assert embed(url, search, ["retried"])[0] == 200  # one retry, then fine
+    assert embed(url, search, [f"{tag}retried"])[0] == 200  # one retry, then fine
     http("POST", mock_url + "/_mock/fail", {"mode": "status", "status": 500, "times": 2})
-    assert embed(url, search, ["failed"])[0] == 502
-    for i in range(3):  # the third is over the team's rpm once quotas are in
-        embed(url, quota, [f"q{i}"])
+    assert embed(url, search, [f"{tag}failed"])[0] == 502
+    sent = 7
+    for i in range(5):  # rpm = 2: a rejection within 3 requests, or 5 when a minute ends in between
+        sent += 1
+        if embed(url, quota, [f"{tag}q{i}"])[0] == 429:
+            return sent
+    raise AssertionError("no quota rejection")
+
+
+def _wait(s: Stack, requests: int, scrapes: int = 2) -> None:
+    """Until Prometheus has scraped `requests` embeddings requests in all, and then `scrapes` more times."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = s.query("sum(embedding_proxy_requests_total)")["result"]
+        if result and float(result[0]["value"][1]) == requests:
+            break
+        assert time.monotonic() < deadline, f"Prometheus did not see the traffic: {result}"
+        time.sleep(0.1)
+    seen: set[str] = set()
+    while len(seen) <= scrapes:  # the scrape that saw the traffic, then `scrapes` more
+        seen.add(s.query('timestamp(up{job="embedding-proxy"})')["result"][0]["value"][1])
+        assert time.monotonic() < deadline, "Prometheus did not scrape often enough"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +147,13 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         wait_http(prom_url + "/-/ready", servers[-1].proc)
         s = Stack(prom_url, f"http://127.0.0.1:{metrics_port}/metrics", url, config)
 
-        _drive(url, mock_url, create_keys(redis_server.url, ["search", "ads", "quota-team"]), redis_server)
-        deadline = time.monotonic() + 30
-        while True:  # until Prometheus has scraped the end of the traffic...
-            result = s.query("sum(embedding_proxy_requests_total)")["result"]
-            if result and float(result[0]["value"][1]) == REQUESTS:
-                break
-            assert time.monotonic() < deadline, f"Prometheus did not see the traffic: {result}"
-            time.sleep(0.2)
-        while True:  # ...and every series a few times, so rate() has two samples of each
-            series = s.query('{__name__=~"embedding_proxy_.+"}[1m]')["result"]
-            if min(len(x["values"]) for x in series) >= 3:
-                break
-            assert time.monotonic() < deadline, "Prometheus did not scrape often enough"
-            time.sleep(0.2)
+        # Round 1 makes every series exist; Prometheus's first sample of a series is its starting point, so rate()
+        # and increase() only see what changes after it. Round 2 sends the same kinds of traffic again.
+        keys = create_keys(redis_server.url, ["search", "ads", QUOTA_TEAM])
+        sent = _drive(url, mock_url, keys, redis_server, "r1-")
+        _wait(s, sent)
+        sent += _drive(url, mock_url, keys, redis_server, "r2-")
+        _wait(s, sent)
         yield s
     finally:
         for server in reversed(servers):
@@ -151,17 +186,79 @@ def test_metrics_are_on_their_own_port(stack: Stack) -> None:
     assert [t["labels"]["job"] for t in targets] == ["embedding-proxy"] and targets[0]["health"] == "up"
 
 
-def test_every_panel_query_returns_data(stack: Stack) -> None:
-    empty = []
+def _values(data: dict[str, Any]) -> list[float]:
+    if data["resultType"] == "scalar":
+        return [float(data["result"][1])]
+    return [float(x["value"][1]) for x in data["result"]]
+
+
+def test_every_panel_query_returns_a_number(stack: Stack) -> None:
+    # NaN (a ratio or a percentile of nothing) and +-Inf are what a broken panel shows: "data", but no number
+    problems = []
+    for dashboard, title, expr in panel_queries():
+        values = _values(stack.query(substitute(expr)))
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            problems.append(f"{dashboard}: {title}: no finite value in {values}: {expr}")
+        elif title in BUSY_PANELS and max(finite) <= 0:
+            problems.append(f"{dashboard}: {title}: no traffic in {values}: {expr}")
+    assert len(panel_queries()) > 30
+    assert {t for _, t, _ in panel_queries()} >= BUSY_PANELS
+    assert not problems, "panels without a number:\n" + "\n".join(problems)
+
+
+def test_per_team_panels_show_the_team_picked(stack: Stack) -> None:
+    problems = []
     checked = 0
     for dashboard, title, expr in panel_queries():
-        if QUOTA in expr:
-            continue  # test_quota_panels_return_data
-        if not stack.query(substitute(expr))["result"]:
-            empty.append(f"{dashboard}: {title}: {expr}")
+        if "$team" not in expr:
+            continue
+        team = QUOTA_TEAM if QUOTA in expr else TEAM  # only quota-team has limits
+        result = stack.query(substitute(expr, team))
+        values = _values(result)
+        if not [v for v in values if math.isfinite(v)]:
+            problems.append(f"{dashboard}: {title}: no finite value for team {team} in {values}")
+        other = {x["metric"]["team"] for x in result["result"] if "team" in x.get("metric", {})} - {team}
+        if other:
+            problems.append(f"{dashboard}: {title}: shows teams {other} when {team} is picked")
         checked += 1
-    assert checked > 25
-    assert not empty, "panels without data:\n" + "\n".join(empty)
+    assert checked > 15
+    assert not problems, "\n".join(problems)
+
+
+def test_quota_window_end_is_exported(stack: Stack) -> None:
+    result = stack.query(f'embedding_proxy_quota_window_end_timestamp_seconds{{team="{QUOTA_TEAM}"}}')["result"]
+    assert [x["metric"]["limit"] for x in result] == ["rpm"]
+    end = float(result[0]["value"][1])
+    assert end % 60 == 0 and time.time() - 120 < end <= time.time() + 60  # a UTC minute's end
+
+
+def test_quota_headroom_is_full_once_the_window_has_ended(tmp_path: Path) -> None:
+    """The usage board's headroom query on synthetic series (promtool): what the gauges say while the window lasts,
+    all of the limit once it has ended, although nothing was admitted (so nothing updated the gauges) since."""
+    [expr] = [e for d, t, e in panel_queries() if t.startswith("Quota headroom")]
+    series = {  # team limit rpm = 100 (10 left, window ends at 120 s); key limit tpm = 1000 (250 left, ends 600 s)
+        'embedding_proxy_quota_limit{team="t", limit="rpm"}': 100,
+        'embedding_proxy_quota_remaining{team="t", limit="rpm"}': 10,
+        'embedding_proxy_quota_window_end_timestamp_seconds{team="t", limit="rpm"}': 120,
+        'embedding_proxy_quota_limit{team="t", key_id="key_1", limit="tpm"}': 1000,
+        'embedding_proxy_quota_remaining{team="t", key_id="key_1", limit="tpm"}': 250,
+        'embedding_proxy_quota_window_end_timestamp_seconds{team="t", key_id="key_1", limit="tpm"}': 600,
+    }
+    team, key = '{team="t", limit="rpm"}', '{team="t", key_id="key_1", limit="tpm"}'
+    expected = {"1m": {team: 0.1, key: 0.25}, "3m": {team: 1, key: 0.25}, "11m": {team: 1, key: 1}}
+    doc = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": name, "values": f"{value}x15"} for name, value in series.items()],
+        "promql_expr_test": [
+            {"expr": substitute(expr), "eval_time": at,
+             "exp_samples": [{"labels": labels, "value": v} for labels, v in want.items()]}
+            for at, want in expected.items()
+        ],
+    }]}
+    path = tmp_path / "headroom_test.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    _promtool("test", "rules", str(path))
 
 
 def test_team_variable_lists_the_teams(stack: Stack) -> None:
@@ -185,13 +282,3 @@ def test_every_alert_rule_evaluates(stack: Stack) -> None:
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     firing = {r["name"] for r in rules if r["state"] != "inactive"}
     assert "EmbeddingProxyDown" not in firing
-
-
-# The quota panels read embedding_proxy_quota_{rejections_total,limit,remaining}: `[teams.quota-team] rpm = 2`
-# makes the third quota-team request a rejection and sets the team's limit and remaining gauges.
-def test_quota_panels_return_data(stack: Stack) -> None:
-    empty = []
-    for dashboard, title, expr in panel_queries():
-        if QUOTA in expr and not stack.query(substitute(expr))["result"]:
-            empty.append(f"{dashboard}: {title}: {expr}")
-    assert not empty, "quota panels without data:\n" + "\n".join(empty)

@@ -188,6 +188,33 @@ async def test_refund_and_correction_from_upstream_usage(env: Any, redis_server:
     assert raw.expiretime(ttl_key) == T0 + 30 + 60 + 60  # the window's end (pinned clock) plus a minute
 
 
+async def test_gauges_follow_charges_corrections_and_refunds_with_window_ends(env: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=100, tokens_per_day=1000)})
+    k = key(rpm=5)
+
+    def gauges() -> dict[tuple[str, str, str], float]:
+        m = e.metrics
+        return {(name, key_id, limit): gauge.labels("search", key_id, limit)._value.get()
+                for name, gauge in (("limit", m.quota_limit), ("remaining", m.quota_remaining),
+                                    ("ends", m.quota_window_end))
+                for key_id, limit in (("", "tpm"), ("", "tokens_per_day"), ("key_1", "rpm"))}
+
+    a = await admit(e.quotas, k, 60, 60)
+    assert gauges() == {
+        ("limit", "", "tpm"): 100, ("limit", "", "tokens_per_day"): 1000, ("limit", "key_1", "rpm"): 5,
+        ("remaining", "", "tpm"): 40, ("remaining", "", "tokens_per_day"): 940, ("remaining", "key_1", "rpm"): 4,
+        # T0 is 30 s before a minute and a day end (the day's window ends with the minute's)
+        ("ends", "", "tpm"): T0 + 30, ("ends", "", "tokens_per_day"): T0 + 30, ("ends", "key_1", "rpm"): T0 + 30,
+    }
+    await a.settle(50)  # the upstream counted 50: the gauges say so at once
+    assert gauges()[("remaining", "", "tpm")] == 50 and gauges()[("remaining", "", "tokens_per_day")] == 950
+    await a.refund()
+    assert gauges()[("remaining", "", "tpm")] == 100 and gauges()[("remaining", "key_1", "rpm")] == 4
+    e.clock.now = T0 + 30  # the next minute and day: new windows, new ends
+    await admit(e.quotas, k, 10, 10)
+    assert gauges()[("ends", "", "tpm")] == T0 + 90 and gauges()[("ends", "", "tokens_per_day")] == T0 + 30 + 86400
+
+
 async def test_count_all_tokens_switch(env: Any) -> None:
     e: Env = await env({"search": Limits(tpm=100)}, count="all")
     a = await admit(e.quotas, key(), 0, 80)  # a full cache hit of 80 tokens: counted under "all"

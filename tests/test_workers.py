@@ -29,6 +29,7 @@ from tests.stack import (
     scrape,
     start_mock,
     start_proxy,
+    value,
 )
 
 pytestmark = pytest.mark.redis
@@ -134,8 +135,8 @@ def test_counters_are_exact_across_two_workers(stack: Stack) -> None:
     # both workers answered, and each line is JSON without keys or inputs
     lines = access_lines(stack)
     assert len({line["pid"] for line in lines}) == 2
-    served = [line for line in lines if line["status"] == 200]
-    assert served[0]["key_id"] == key_id and served[0]["team"] == "search" and served[0]["inputs"] == 3
+    served = [line for line in lines if line["status"] == 200]  # each worker writes its lines in batches
+    assert any(s["key_id"] == key_id and s["team"] == "search" and s["inputs"] == 3 for s in served), served
     assert "sk-gateway-" not in stack.proxy.stdout() + stack.proxy.stderr()
 
 
@@ -165,6 +166,12 @@ def test_quota_rejection_is_counted_once_across_workers(stack: Stack) -> None:
     assert rejected == 1
     assert delta(before, after, "embedding_proxy_requests_total", team="quota-team", status_class="4xx") == 1
     assert delta(before, after, "embedding_proxy_requests_total", team="quota-team", status_class="2xx") == 2
+    # the quota gauges are one value per limit (the most recent of any worker), window end included
+    labels = {"team": "quota-team", "limit": "rpm"}
+    assert value(after, "embedding_proxy_quota_limit", **labels) == 2
+    assert value(after, "embedding_proxy_quota_remaining", **labels) == 0
+    ends = value(after, "embedding_proxy_quota_window_end_timestamp_seconds", **labels)
+    assert ends % 60 == 0 and time.time() < ends + 60  # the end of a UTC minute, this one or the last
 
 
 def test_sigterm_stops_every_worker_and_removes_metric_files(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -19,19 +19,36 @@ T = 'team=~"$team"'
 RI = "$__rate_interval"
 
 
+# Latency of requests that were served or failed for the proxy's or the upstream's reasons: fast refusals (4xx:
+# auth, validation, quota) would pull every percentile down.
+ANSWERED = 'status_class!="4xx"'
+# The headroom of each limit, by (team, key_id, limit): what the gauges last said while the limit's window lasts;
+# once the window has ended (no admitted request since), the limit is all available again.
+BY_LIMIT = "max by (team, key_id, limit)"
+HEADROOM = (
+    f"({BY_LIMIT} (embedding_proxy_quota_remaining{{{T}}}) "
+    f"and on (team, key_id, limit) ({BY_LIMIT} (embedding_proxy_quota_window_end_timestamp_seconds{{{T}}}) > time()) "
+    f"or {BY_LIMIT} (embedding_proxy_quota_limit{{{T}}})) "
+    f"/ {BY_LIMIT} (embedding_proxy_quota_limit{{{T}}})"
+)
+Spec = list[tuple[str, str, str, list[dict[str, str]]] | tuple[str, str, str, list[dict[str, str]], dict[str, Any]]]
+
+
 def _q(expr: str, legend: str = "") -> dict[str, str]:
     return {"expr": expr, "legend": legend}
 
 
-def _quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> list[dict[str, str]]:
+def _quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.99),
+               selector: str = "") -> list[dict[str, str]]:
     group = f"{by}, le" if by else "le"
     prefix = "{{" + by + "}} " if by else ""
-    return [_q(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RI}])))", f"{prefix}p{int(q * 100)}")
-            for q in qs]
+    match = f"{{{selector}}}" if selector else ""
+    return [_q(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{match}[{RI}])))",
+               f"{prefix}p{int(q * 100)}") for q in qs]
 
 
-OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
-    # (panel type, title, unit, queries)
+OVERVIEW: Spec = [
+    # (panel type, title, unit, queries[, field defaults such as min and max])
     ("stat", "Requests per second", "reqps", [_q(f"sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))")]),
     ("stat", "Server error ratio (5xx)", "percentunit", [_q(
         f'sum(rate(embedding_proxy_requests_total{{{T},status_class="5xx"}}[{RI}])) '
@@ -39,14 +56,15 @@ OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
     ("stat", "Cache hit ratio (unique inputs)", "percentunit", [_q(
         f'sum(rate(embedding_proxy_cache_lookups_total{{result="hit"}}[{RI}])) '
         f"/ sum(rate(embedding_proxy_cache_lookups_total[{RI}]))")]),
-    ("stat", "Proxy processes up", "short", [_q('sum(up{job="embedding-proxy"})')]),
+    ("stat", "Proxy instances up (scrape targets)", "short", [_q('sum(up{job="embedding-proxy"})')]),
     ("timeseries", "Requests by status class", "reqps", [_q(
         f"sum by (status_class) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{status_class}}")]),
     ("timeseries", "Requests by cache outcome", "reqps", [_q(
         f"sum by (cache) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{cache}}")]),
-    ("timeseries", "Request latency", "s", _quantiles("embedding_proxy_request_duration_seconds")),
-    ("timeseries", "Request latency p95 by cache outcome", "s",
-     _quantiles("embedding_proxy_request_duration_seconds", "cache", (0.95,))),
+    ("timeseries", "Request latency (4xx refusals left out)", "s",
+     _quantiles("embedding_proxy_request_duration_seconds", selector=ANSWERED)),
+    ("timeseries", "Request latency p95 by cache outcome (4xx refusals left out)", "s",
+     _quantiles("embedding_proxy_request_duration_seconds", "cache", (0.95,), ANSWERED)),
     ("timeseries", "Error ratio by status class", "percentunit", [_q(
         f'sum by (status_class) (rate(embedding_proxy_requests_total{{{T},status_class=~"4xx|5xx"}}[{RI}])) '
         f"/ ignoring(status_class) group_left sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))",
@@ -54,8 +72,9 @@ OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
     ("timeseries", "In-flight requests", "short", [_q("sum(embedding_proxy_requests_in_flight)", "in flight")]),
     ("timeseries", "Upstream calls by outcome", "reqps", [_q(
         f"sum by (model, outcome) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}} {{outcome}}")]),
-    ("timeseries", "Upstream error ratio", "percentunit", [_q(
-        f'sum by (model) (rate(embedding_proxy_upstream_requests_total{{outcome="error"}}[{RI}])) '
+    # as the alert: upstream 400s (the client's own input) are not the upstream failing
+    ("timeseries", "Upstream error ratio (client input refusals left out)", "percentunit", [_q(
+        f'sum by (model) (rate(embedding_proxy_upstream_errors_total{{kind!="invalid_request"}}[{RI}])) '
         f"/ sum by (model) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}}")]),
     ("timeseries", "Upstream errors by kind", "reqps", [_q(
         f"sum by (kind) (rate(embedding_proxy_upstream_errors_total[{RI}]))", "{{kind}}")]),
@@ -79,7 +98,7 @@ OVERVIEW: list[tuple[str, str, str, list[dict[str, str]]]] = [
     ("table", "Versions running", "short", [_q("count by (version) (embedding_proxy_build_info)", "{{version}}")]),
 ]
 
-USAGE: list[tuple[str, str, str, list[dict[str, str]]]] = [
+USAGE: Spec = [
     ("stat", "Upstream cost in range (USD)", "currencyUSD", [_q(
         f"sum(increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))")]),
     ("stat", "Saved by the cache in range (USD)", "currencyUSD", [_q(
@@ -87,7 +106,7 @@ USAGE: list[tuple[str, str, str, list[dict[str, str]]]] = [
     ("stat", "Tokens saved by the cache in range", "short", [_q(
         f"sum(increase(embedding_proxy_cache_saved_tokens_total{{{T}}}[$__range]))")]),
     ("stat", "Quota rejections in range", "short", [_q(
-        f"sum(increase(embedding_proxy_quota_rejections_total{{{T}}}[$__range]))")]),
+        f"sum(increase(embedding_proxy_quota_rejections_total{{{T}}}[$__range])) or vector(0)")]),
     ("timeseries", "Tokens per second by team and source", "short", [_q(
         f"sum by (team, source) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}} {{source}}")]),
     ("timeseries", "Requests per second by team", "reqps", [_q(
@@ -102,15 +121,17 @@ USAGE: list[tuple[str, str, str, list[dict[str, str]]]] = [
         f"sum by (team) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{team}}")]),
     ("bargauge", "Cache savings per team in range (USD)", "currencyUSD", [_q(
         f"sum by (team) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{team}}")]),
+    ("table", "Upstream cost and cache savings per model in range (USD)", "currencyUSD", [
+        _q(f"sum by (model) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{model}} cost"),
+        _q(f"sum by (model) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{model}} saved"),
+    ]),
     ("timeseries", "Cache share of tokens by team", "percentunit", [_q(
         f'sum by (team) (rate(embedding_proxy_tokens_total{{{T},source="cache"}}[{RI}])) '
         f"/ sum by (team) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
     ("timeseries", "Tokens saved by the cache per team", "short", [_q(
         f"sum by (team) (rate(embedding_proxy_cache_saved_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
-    ("bargauge", "Quota headroom (remaining / limit)", "percentunit", [_q(
-        f"max by (team, key_id, limit) (embedding_proxy_quota_remaining{{{T}}}) "
-        f"/ max by (team, key_id, limit) (embedding_proxy_quota_limit{{{T}}})",
-        "{{team}} {{key_id}} {{limit}}")]),
+    ("bargauge", "Quota headroom (remaining / limit in the current window)", "percentunit",
+     [_q(HEADROOM, "{{team}} {{key_id}} {{limit}}")], {"min": 0, "max": 1}),
     ("table", "Quota limits in force", "short", [_q(
         f"max by (team, key_id, limit) (embedding_proxy_quota_limit{{{T}}})", "{{team}} {{key_id}} {{limit}}")]),
     ("timeseries", "Quota rejections by team and limit", "reqps", [_q(
@@ -119,8 +140,8 @@ USAGE: list[tuple[str, str, str, list[dict[str, str]]]] = [
 ]
 
 
-def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, str]], x: int, y: int,
-           w: int, h: int) -> dict[str, Any]:
+def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, str]], defaults: dict[str, Any],
+           x: int, y: int, w: int, h: int) -> dict[str, Any]:
     targets = []
     for i, q in enumerate(queries):
         target: dict[str, Any] = {"refId": chr(ord("A") + i), "datasource": DS, "expr": q["expr"],
@@ -132,7 +153,7 @@ def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, s
     panel: dict[str, Any] = {
         "id": pid, "type": kind, "title": title, "datasource": DS,
         "gridPos": {"h": h, "w": w, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **defaults}, "overrides": []},
         "options": {}, "targets": targets,
     }
     if kind == "stat":
@@ -142,13 +163,14 @@ def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, s
     return panel
 
 
-def _layout(spec: list[tuple[str, str, str, list[dict[str, str]]]]) -> list[dict[str, Any]]:
-    panels, x, y = [], 0, 0
-    for pid, (kind, title, unit, queries) in enumerate(spec, start=1):
+def _layout(spec: Spec) -> list[dict[str, Any]]:
+    panels: list[dict[str, Any]] = []
+    x, y = 0, 0
+    for pid, (kind, title, unit, queries, *more) in enumerate(spec, start=1):
         w, h = (6, 4) if kind == "stat" else (12, 8)
         if x + w > 24:
             x, y = 0, y + (4 if panels and panels[-1]["type"] == "stat" else 8)
-        panels.append(_panel(pid, kind, title, unit, queries, x, y, w, h))
+        panels.append(_panel(pid, kind, title, unit, queries, more[0] if more else {}, x, y, w, h))
         x += w
     return panels
 
@@ -165,7 +187,7 @@ def _templating() -> dict[str, Any]:
     ]}
 
 
-def dashboard(uid: str, title: str, spec: list[tuple[str, str, str, list[dict[str, str]]]]) -> dict[str, Any]:
+def dashboard(uid: str, title: str, spec: Spec) -> dict[str, Any]:
     return {
         "uid": uid, "title": title, "tags": ["embedding-proxy"], "timezone": "utc", "editable": True,
         "schemaVersion": 39, "version": 1, "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
