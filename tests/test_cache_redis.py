@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -9,7 +12,7 @@ import redis.asyncio as aioredis
 from proxy.cache import EmbeddingCache, Entry
 from proxy.config import RedisSettings
 from proxy.rediskeys import RedisKeys
-from proxy.store import Store
+from proxy.store import Store, StoreUnavailable
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -28,3 +31,49 @@ async def test_set_many_writes_layout_with_ttl_and_get_many_reads_it(redis_serve
         assert [None if e is None else (bytes(e.vector), e.tokens) for e in got] == [(vec, 9), None, (vec, 1)]
     finally:
         await client.aclose()
+
+
+async def test_reads_in_one_loop_turn_share_one_pipeline(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    client = aioredis.Redis(port=redis_server.port)
+    store = Store(client, RedisSettings(url=redis_server.url))
+    calls: list[str] = []
+    real = store.call
+
+    async def counted(op: str, fn: Any, **kw: Any) -> Any:
+        calls.append(op)
+        return await real(op, fn, **kw)
+
+    store.call = counted  # type: ignore[method-assign]
+    cache = EmbeddingCache(store, RedisKeys(), ttl_s=60, secret="s")
+    vec = np.arange(4, dtype="<f4").tobytes()
+    try:
+        await cache.set_many([(f"ep:emb:s:{k}", Entry(vec, k)) for k in range(1, 6)])
+        calls.clear()
+
+        def also(pipe: Any) -> None:
+            pipe.incr("counter")  # stands for the quota script queued with a read
+
+        got = await asyncio.gather(*(cache.get_many([f"ep:emb:s:{k}", "ep:emb:s:none"], 4, also if k % 2 else None)
+                                     for k in range(1, 6)))
+        assert calls == ["mget"]  # five requests' reads, one round trip
+        for k, (entries, extra) in enumerate(got, start=1):
+            assert entries[0] is not None and entries[0].tokens == k and entries[1] is None
+            assert extra == ([(k + 1) // 2] if k % 2 else [])  # each gets its own `also` reply, in order
+        calls.clear()
+        entries, extra = await cache.get_many(["ep:emb:s:1"], 4)  # alone: a plain MGET, no pipeline
+        assert calls == ["mget"] and entries[0] is not None and extra == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_failed_shared_read_fails_every_request_in_it() -> None:
+    class DownStore:
+        embedded = False
+
+        async def call(self, op: str, fn: Any, **kw: Any) -> Any:
+            raise StoreUnavailable("redis mget failed: ConnectionError")
+
+    cache = EmbeddingCache(DownStore(), RedisKeys(), ttl_s=60, secret="s")  # type: ignore[arg-type]
+    results = await asyncio.gather(*(cache.get_many(["k"], 4) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -77,9 +79,13 @@ async def test_cache_reads_are_views_and_bad_sizes_are_misses() -> None:
     class FakeStore:
         embedded = False
 
-        async def call(self, op: str, fn: object) -> list[list[bytes | None]]:
+        async def call(self, op: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+            return await fn(FakeRedis())
+
+    class FakeRedis:
+        async def mget(self, keys: list[str]) -> list[bytes | None]:
             vec = np.arange(3, dtype="<f4").tobytes()
-            return [[b"\x02\x00\x00\x00" + vec, None, b"\x02\x00\x00\x00" + vec[:-1]]]  # the MGET reply
+            return [b"\x02\x00\x00\x00" + vec, None, b"\x02\x00\x00\x00" + vec[:-1]]
 
     cache = EmbeddingCache(FakeStore(), RedisKeys(), ttl_s=60, secret="s")  # type: ignore[arg-type]
     got, _ = await cache.get_many(["a", "b", "c"], 3)
