@@ -115,12 +115,12 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     is_embeddings = request.path == "/v1/embeddings"
     started = time.perf_counter()
     if is_embeddings:
-        m.in_flight.inc()
+        m.in_flight_now += 1
     try:
         resp = await handler(request)
     finally:
         if is_embeddings:
-            m.in_flight.dec()
+            m.in_flight_now -= 1
     elapsed = time.perf_counter() - started
     key: KeyRecord | None = request.get(KEY)
     team, key_id = (key.team, key.id) if key else ("", "")
@@ -260,6 +260,7 @@ def create_app(
             asyncio.create_task(ledger.run(settings.usage.flush_interval_s)),
             asyncio.create_task(auth.listen(store.client, rkeys.key_changes(), settings.redis.retry_interval_s)),
             asyncio.create_task(access_log.run()),
+            asyncio.create_task(m.run()),
         ]
         yield
         await service.drain()
@@ -274,6 +275,7 @@ def create_app(
         await upstream.close()
         await store.close()
         access_log.flush()
+        m.flush()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -9,6 +9,7 @@ answers for the whole machine. Gauges say how to combine workers (`multiprocess_
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 from collections.abc import Iterable
@@ -57,6 +58,9 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         # labels() validates and locks on every call (~2.5 us); the hot path asks for the same children each time
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._pending: dict[tuple[Any, tuple[str, ...]], float] = {}  # counts not yet written (see `add`)
+        self.in_flight_now = 0  # embeddings requests being handled; written to the gauge by `flush`
+        self._in_flight_written = 0
         r = self.registry
         self.requests = Counter(
             f"{_PREFIX}_requests", "Embedding requests by outcome.",
@@ -168,18 +172,40 @@ class Metrics:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(model, kind)
 
+    def add(self, metric: Any, *labels: str, amount: float = 1.0) -> None:
+        """Count `amount` on a counter child: kept in a plain dict and written to the counter by `flush` (about
+        0.2 us instead of 0.8 us for a locked, checked increment; a hit does eight of them)."""
+        key = (metric, labels)
+        pending = self._pending
+        pending[key] = pending.get(key, 0.0) + amount
+
+    def flush(self) -> None:
+        """Write what `add` and the in-flight count kept: before every /metrics answer, every second (`run`), and
+        at shutdown. With several workers each writes its own share; a scrape sees at most one second's lag."""
+        pending, self._pending = self._pending, {}
+        for (metric, labels), amount in pending.items():
+            self.child(metric, *labels).inc(amount)
+        if self.in_flight_now != self._in_flight_written:
+            self.in_flight.set(self.in_flight_now)
+            self._in_flight_written = self.in_flight_now
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush()
+
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered (label values are bounded, so this stays small)."""
         try:
             return self._children[(metric, labels)]
         except KeyError:
-            made = self._children[(metric, labels)] = metric.labels(*labels)
+            made = self._children[(metric, labels)] = metric.labels(*labels) if labels else metric
             return made
 
     def observe_request(self, team: str, key_id: str, model: str, status: int, cache: str, seconds: float) -> None:
         """One answered /v1/embeddings request (any status); team and key are empty before authentication."""
         status_class = f"{status // 100}xx"
-        self.child(self.requests, team, key_id, model, status_class, cache).inc()
+        self.add(self.requests, team, key_id, model, status_class, cache)
         self.child(self.request_latency, model, cache, status_class).observe(seconds)
 
     def observe_embedding(
@@ -188,25 +214,26 @@ class Metrics:
     ) -> None:
         """What one successful request served, and what the cache saved it."""
         cached_tokens = prompt_tokens - billed_tokens
-        child = self.child
-        child(self.batch_size, model).observe(inputs)
+        add = self.add
+        self.child(self.batch_size, model).observe(inputs)
         if inputs > upstream_inputs:
-            child(self.inputs, team, model, "cache").inc(inputs - upstream_inputs)
+            add(self.inputs, team, model, "cache", amount=inputs - upstream_inputs)
         if upstream_inputs:
-            child(self.inputs, team, model, "upstream").inc(upstream_inputs)
+            add(self.inputs, team, model, "upstream", amount=upstream_inputs)
         if cached_tokens:
-            child(self.tokens, team, key_id, model, "cache").inc(cached_tokens)
-            child(self.saved_tokens, team, model).inc(cached_tokens)
-            child(self.saved_usd, team, model).inc(cached_tokens * price_per_million_tokens / 1e6)
+            add(self.tokens, team, key_id, model, "cache", amount=cached_tokens)
+            add(self.saved_tokens, team, model, amount=cached_tokens)
+            add(self.saved_usd, team, model, amount=cached_tokens * price_per_million_tokens / 1e6)
         if billed_tokens:
-            child(self.tokens, team, key_id, model, "upstream").inc(billed_tokens)
-            child(self.upstream_cost_usd, team, model).inc(billed_tokens * price_per_million_tokens / 1e6)
+            add(self.tokens, team, key_id, model, "upstream", amount=billed_tokens)
+            add(self.upstream_cost_usd, team, model, amount=billed_tokens * price_per_million_tokens / 1e6)
 
     def observe_upstream_error(self, model: str, exc: ProxyError | None) -> None:
         self.upstream_requests.labels(model, "error").inc()
         self.upstream_errors.labels(model, upstream_error_kind(exc)).inc()
 
     def render(self) -> bytes:
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self.registry)
         merged = CollectorRegistry()

@@ -151,8 +151,8 @@ class EmbeddingService:
                 if e is not None:
                     local_hits += 1
             if local_hits:
-                m.child(m.cache_lookups, "hit").inc(local_hits)
-                m.local_hits.inc(local_hits)
+                m.add(m.cache_lookups, "hit", amount=local_hits)
+                m.add(m.local_hits, amount=local_hits)
         inflight = self._inflight
         epoch = inflight.epoch()  # before the cache read: what is released after it may need a second look
         lookup = [i for i, e in enumerate(found) if e is None and keys[i] not in inflight]
@@ -164,7 +164,7 @@ class EmbeddingService:
                 quota_reply = await self._read(keys, lookup, found, dims, also)
             except StoreUnavailable:
                 bypassed = True
-                m.child(m.cache_lookups, "error").inc(len(lookup))
+                m.add(m.cache_lookups, "error", amount=len(lookup))
         misses = [i for i, e in enumerate(found) if e is None]
 
         if ticket is not None:
@@ -235,9 +235,9 @@ class EmbeddingService:
                     local.put(keys[i], entry)
         m = self._metrics
         if hits:
-            m.child(m.cache_lookups, "hit").inc(hits)
+            m.add(m.cache_lookups, "hit", amount=hits)
         if hits < len(lookup):
-            m.child(m.cache_lookups, "miss").inc(len(lookup) - hits)
+            m.add(m.cache_lookups, "miss", amount=len(lookup) - hits)
         return extra[0] if extra else None
 
     async def _settle_misses(
@@ -258,7 +258,7 @@ class EmbeddingService:
                     await self._read(keys, landed, found, dims)
                 except StoreUnavailable:
                     readable = False
-                    self._metrics.child(self._metrics.cache_lookups, "error").inc(len(landed))
+                    self._metrics.add(self._metrics.cache_lookups, "error", amount=len(landed))
                 misses = [i for i in misses if found[i] is None]
                 continue
             if ticket is not None and not ticket.counts_all:

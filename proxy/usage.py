@@ -68,6 +68,7 @@ class UsageLedger:
         self._keys = keys
         self._retention_s = retention_days * 86400
         self._clock = clock
+        self._day: tuple[int, str] = (-1, "")  # (days since the epoch, its UTC date)
         self._writer = writer or secrets.token_hex(8)  # this process's name in the ledger's flush marks
         self._seq = 0
         self._pending = _slots()  # not yet in a batch
@@ -76,7 +77,10 @@ class UsageLedger:
         self._apply = store.client.register_script((resources.files("proxy") / "lua" / "ledger.lua").read_text())
 
     def record(self, team: str, key_id: str, model: str, prompt_tokens: int, upstream_tokens: int) -> None:
-        fields = self._pending[(team, day_of(self._clock()))]
+        day_number = int(self._clock() // 86400)  # formatting the UTC date once a day, not once a request
+        if day_number != self._day[0]:
+            self._day = (day_number, day_of(day_number * 86400))
+        fields = self._pending[(team, self._day[1])]
         base = f"{key_id}|{model}|"
         fields[base + "requests"] += 1
         fields[base + "upstream_tokens"] += upstream_tokens

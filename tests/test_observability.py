@@ -212,3 +212,20 @@ def test_access_line_literal() -> None:
     assert list(doc)[:6] == ["ts", "pid", "request_id", "method", "path", "status"]
     assert error_code(401, b'{"error": {"code": "invalid_api_key"}}') == "invalid_api_key"
     assert error_code(200, b"{}") == "" and error_code(500, b"not json") == ""
+
+
+def test_counts_are_kept_until_flushed_and_every_render_flushes() -> None:
+    m = Metrics()
+    m.add(m.requests, "t", "k", "m", "2xx", "hit")
+    m.add(m.requests, "t", "k", "m", "2xx", "hit", amount=2)
+    m.add(m.local_hits, amount=5)
+    m.in_flight_now = 3
+    assert m.requests.labels("t", "k", "m", "2xx", "hit")._value.get() == 0  # not written yet
+    text = m.render().decode()  # a scrape writes them first
+    assert 'embedding_proxy_requests_total{cache="hit",key_id="k",model="m",status_class="2xx",team="t"} 3.0' in text
+    assert "embedding_proxy_cache_local_hits_total 5.0" in text
+    assert "embedding_proxy_requests_in_flight 3.0" in text
+    m.in_flight_now = 0
+    m.flush()
+    assert "embedding_proxy_requests_in_flight 0.0" in m.render().decode()
+    assert 'status_class="2xx",team="t"} 3.0' in m.render().decode()  # written once, not again

@@ -211,3 +211,16 @@ async def test_a_slow_admin_report_does_not_take_the_cache_down(
     assert p.app[STORE].available
     hit = await p.embed(key, body)  # right after: the cache is still in use
     assert hit.status == 200 and hit.headers["x-cache"] == "hit"
+
+
+async def test_usage_lands_on_the_utc_day_it_happened(stores: Any) -> None:
+    clock = Clock(float(calendar.timegm((2026, 11, 5, 23, 59, 59))))
+    ledger = UsageLedger(stores(), RedisKeys("ep"), clock=clock)
+    ledger.record("search", "key_a", MODEL, 4, 4)
+    clock.now += 1  # 00:00:00 UTC: the next day
+    ledger.record("search", "key_a", MODEL, 2, 0)
+    ledger.record("search", "key_a", MODEL, 1, 1)
+    await ledger.flush()
+    by_day = await ledger.report("search", dt.date(2026, 11, 5), dt.date(2026, 11, 6), "day", {MODEL: 0.02})
+    assert [(r["day"], r["requests"], r["total_tokens"]) for r in by_day] == [("2026-11-05", 1, 4),
+                                                                              ("2026-11-06", 2, 3)]

@@ -50,6 +50,8 @@ class Stack:
         self.workdir = workdir
 
     def metrics(self) -> Samples:
+        """The summed metrics once every worker has written its counts (each does so every second)."""
+        time.sleep(1.3)
         return scrape(self.url + "/metrics")[1]
 
     def wait_cached(self, entries: int) -> None:
