@@ -39,3 +39,13 @@ def assert_same_vectors(a: list[np.ndarray], b: list[np.ndarray]) -> None:
         assert x.dtype == np.float32 and y.dtype == np.float32
         assert x.shape == y.shape
         assert np.array_equal(x, y)
+
+
+class Clock:
+    """An injected clock that tests move by hand (no sleeps)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

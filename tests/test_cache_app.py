@@ -4,7 +4,6 @@ shuffled upstreams (cached and replayed float32-exact, in order)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from proxy.mock_upstream import vector_for
 from proxy.rediskeys import DigestBuilder, seed_from_secret
 from proxy.tokens import get_encoding
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.helpers import vectors
 
 pytestmark = pytest.mark.redis
 MODEL = "text-embedding-3-small"
@@ -23,14 +23,7 @@ THIRTY_DAYS = 30 * 24 * 3600
 def in_order(doc: dict[str, Any]) -> list[np.ndarray]:
     """The answer's vectors as listed, after checking the list is in index order."""
     assert [d["index"] for d in doc["data"]] == list(range(len(doc["data"])))
-    out = []
-    for item in doc["data"]:
-        emb = item["embedding"]
-        if isinstance(emb, str):
-            out.append(np.frombuffer(base64.b64decode(emb), dtype="<f4"))
-        else:
-            out.append(np.asarray(emb, dtype=np.float64).astype(np.float32))
-    return out
+    return vectors(doc)
 
 
 async def test_entries_written_with_default_settings_live_30_days(

@@ -10,16 +10,9 @@ from proxy.errors import AuthenticationFailed, ServiceUnavailable
 from proxy.keys import Authenticator, KeyStore
 from proxy.rediskeys import RedisKeys
 from proxy.store import Store
+from tests.helpers import Clock
 
 GRACE = 120.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_offline_grace_accepts_recent_keys_and_refuses_older_or_unseen_ones() -> None:

@@ -14,18 +14,11 @@ from proxy.keys import Authenticator, KeyRecord, KeyStore, hash_key
 from proxy.limits import Limits
 from proxy.rediskeys import RedisKeys
 from proxy.store import Store, connect
+from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis
 T0 = float(calendar.timegm((2026, 11, 5, 12, 0, 0)))
 MONTH = 30 * 86400.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

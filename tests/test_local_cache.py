@@ -15,21 +15,13 @@ from proxy.app import METRICS, SERVICE
 from proxy.cache import Entry
 from proxy.localcache import LocalCache
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
-from tests.helpers import assert_same_vectors, direct, vectors
+from tests.helpers import Clock, assert_same_vectors, direct, vectors
 
 MODEL = "text-embedding-3-small"
 
 
 def entry(n: int = 1536, tokens: int = 3) -> Entry:
     return Entry(bytes(4 * n), tokens)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_lru_by_bytes() -> None:
@@ -66,7 +58,7 @@ def test_rendered_text_counts_in_the_budget() -> None:
 
 
 def test_ttl_with_a_pinned_clock() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = LocalCache(max_bytes=1 << 20, ttl_s=10, clock=clock)
     cache.put("a", entry())
     clock.now += 9.9

@@ -18,17 +18,10 @@ from proxy.quota import Quotas, Ticket, format_reset, window
 from proxy.rediskeys import RedisKeys
 from proxy.store import Store, connect
 from proxy.teams import TeamStore
+from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis
 T0 = calendar.timegm((2026, 12, 31, 23, 59, 30))  # 30 s before a minute, a day, a month and a year all end
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_windows_roll_over_in_utc() -> None:

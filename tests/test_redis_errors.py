@@ -20,21 +20,14 @@ from proxy.limits import Limits
 from proxy.metrics import REDIS_OPS
 from proxy.store import Store, StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.helpers import Clock
 from tests.stack import Samples, delta
 
 MODEL = "text-embedding-3-small"
 PROXY = Path(__file__).resolve().parent.parent / "proxy"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _store(clock: FakeClock) -> tuple[Store, Counter[str]]:
+def _store(clock: Clock) -> tuple[Store, Counter[str]]:
     errors: Counter[str] = Counter()
     settings = RedisSettings(url="redis://unused", socket_timeout_s=0.05, retry_interval_s=5.0)
     return Store(object(), settings, clock=clock, on_error=lambda op: errors.update([op])), errors
@@ -53,7 +46,7 @@ async def _hangs(r: Any) -> None:
 
 
 async def test_failed_and_refused_calls_are_counted() -> None:
-    clock = FakeClock()
+    clock = Clock(1000.0)
     store, errors = _store(clock)
     with pytest.raises(StoreUnavailable):
         await store.call("mget", _fails)
@@ -74,7 +67,7 @@ async def test_failed_and_refused_calls_are_counted() -> None:
 
 
 async def test_error_replies_inside_a_pipeline_are_counted() -> None:
-    store, errors = _store(FakeClock())
+    store, errors = _store(Clock(1000.0))
 
     async def mget_refused(r: Any) -> list[Any]:
         return [ResponseError("NOPERM this user has no permissions to run the 'mget' command"), [1, 2]]
@@ -173,7 +166,7 @@ async def test_a_timeout_caused_by_a_blocked_event_loop_does_not_mark_redis_down
     and Redis stays in use for everyone else (marking it down would send every request upstream)."""
     import time
 
-    clock = FakeClock()
+    clock = Clock(1000.0)
     store, errors = _store(clock)  # socket_timeout_s = 0.05
 
     async def blocks_the_loop(r: Any) -> None:

@@ -19,6 +19,7 @@ from proxy.rediskeys import RedisKeys
 from proxy.store import Store, StoreUnavailable, connect
 from proxy.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis
 MODEL = "text-embedding-3-small"
@@ -46,14 +47,6 @@ async def busy_redis(server: RedisServer, seconds: float) -> AsyncIterator[async
     finally:
         await task
         client.close()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
