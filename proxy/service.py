@@ -1,8 +1,9 @@
 """The embeddings path: cache lookup, token limits, miss-only forwarding with de-duplication and coalescing.
 
-Per request: hash every input (model, dimensions and kind are part of the key), read all unique keys with one
-MGET, count tokens only for misses, claim the misses in the in-flight table, send the ones this request owns
-upstream in as few calls as the model's batch limits allow, and write new entries back in the background.
+Per request: hash every input (model, dimensions and kind are part of the key), look the unique keys up in the
+in-process tier and read the rest with one MGET, count tokens only for misses, reserve the tokens of what this
+request will send, claim the misses in the in-flight table, send the ones this request owns upstream in as few
+calls as the model's batch limits allow, and write new entries back in the background (batched, after the answer).
 """
 
 from __future__ import annotations
