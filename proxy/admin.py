@@ -11,6 +11,7 @@
     GET  /admin/teams                     every team with its limits and where they come from
     GET  /admin/teams/{team}              one team's limits in force
     PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)
+    DELETE /admin/teams/{team}            drop the limits set at run time: the config's apply again
     GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
 
 Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
@@ -187,6 +188,15 @@ async def set_team(request: web.Request) -> web.Response:
     return _json({"team": team, "limits": limits.to_dict()})
 
 
+async def reset_team(request: web.Request) -> web.Response:
+    team = request.match_info["team"]
+    try:
+        limits = await request.app[TEAMS].reset(team)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="team") from None
+    return _json({"team": team, "limits": limits.to_dict()})
+
+
 def parse_day(text: str | None, name: str) -> dt.date:
     if not text:
         return dt.datetime.now(dt.UTC).date()
@@ -231,4 +241,5 @@ def add_routes(app: web.Application, keystore: KeyStore, teams: TeamStore, ledge
     r.add_get("/admin/teams", list_teams)
     r.add_get("/admin/teams/{team}", show_team)
     r.add_put("/admin/teams/{team}", set_team)
+    r.add_delete("/admin/teams/{team}", reset_team)
     r.add_get("/admin/usage", usage)

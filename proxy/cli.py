@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("set", help="set a team's quotas; flags not given stay as they are")
     ts.add_argument("name")
     add_limit_flags(ts, clearing=True)
+    tr = tsub.add_parser("reset", help="drop the quotas set at run time: the config's apply again")
+    tr.add_argument("name")
     tl = tsub.add_parser("list", help="teams with quotas, from the config and set at run time")
     tl.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_teams)

@@ -156,6 +156,13 @@ def cmd_teams(args: argparse.Namespace, settings: Settings) -> int:
                 return _fail(str(exc))
             print(f"{args.name}: {_limits_text(limits)}")
             return 0
+        if args.teams_cmd == "reset":
+            try:
+                limits = await teams.reset(args.name)
+            except ValueError as exc:
+                return _fail(str(exc))
+            print(f"{args.name}: {_limits_text(limits)} (from the config)")
+            return 0
         listed = await teams.all()
         if args.json:
             print(orjson.dumps([{"team": t, "limits": lim.to_dict(), "source": src}

@@ -77,6 +77,20 @@ class TeamStore:
         self._cached.pop(team, None)
         return limits
 
+    async def reset(self, team: str) -> Limits:
+        """Drop the limits set at run time: the team's configured limits (or none) apply again. Returns them."""
+        check_team(team)
+
+        async def write(r: Any) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.delete(self._keys.team(team))
+            pipe.srem(self._keys.teams(), team)
+            await pipe.execute()
+
+        await self._store.operator_call("team-set", write)
+        self._cached.pop(team, None)
+        return self._configured.get(team, Limits())
+
     async def all(self) -> dict[str, tuple[Limits, str]]:
         """Every known team: its limits in force and where they come from (`config` or `runtime`)."""
 

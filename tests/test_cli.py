@@ -98,6 +98,15 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     assert next(t for t in teams if t["team"] == "ads")["source"] == "runtime"
     assert "tokens_per_day=90000" in cli(redis_url, *conf, "teams", "list").stdout
     assert cli(redis_url, "teams", "set", "ads", "--rpm", "-3").returncode == 2
+    # a configured team changed at run time, then reset: the config's limits apply again
+    assert cli(redis_url, *conf, "teams", "set", "search", "--rpm", "5").stdout.strip() == "search: rpm=5"
+    reset = cli(redis_url, *conf, "teams", "reset", "search")
+    assert reset.returncode == 0 and reset.stdout.strip() == "search: rpm=100 (from the config)"
+    teams = json.loads(cli(redis_url, *conf, "teams", "list", "--json").stdout)
+    assert next(t for t in teams if t["team"] == "search") == {
+        "team": "search", "limits": {"rpm": 100, "tpm": None, "tokens_per_day": None, "tokens_per_month": None},
+        "source": "config"}
+    assert cli(redis_url, *conf, "teams", "reset", "Not A Team").returncode == 2
 
     made = cli(redis_url, "keys", "create", "--team", "ads", "--rpm", "1", "--models", MODEL, "--name", "etl",
                "--expires-in", "1d", "--json")

@@ -205,6 +205,11 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     teams = await (await admin(p, "GET", "/admin/teams")).json()
     assert {"team": "ads", "limits": {"rpm": None, "tpm": 2, "tokens_per_day": None, "tokens_per_month": None},
             "source": "runtime"} in teams["data"]
+    reset = await admin(p, "DELETE", "/admin/teams/ads")  # back to the config (none for ads): unlimited again
+    assert reset.status == 200 and (await reset.json())["limits"]["tpm"] is None
+    assert (await p.embed(key, {"model": MODEL, "input": "three new tokens here"})).status == 200
+    assert "ads" not in [t["team"] for t in (await (await admin(p, "GET", "/admin/teams")).json())["data"]]
+    await admin(p, "PUT", "/admin/teams/ads", {"tpm": 2})
 
     rotated = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
     assert rotated.status == 201
