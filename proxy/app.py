@@ -155,11 +155,11 @@ async def embeddings(request: web.Request) -> web.Response:
     request[MODEL] = req.model
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
-    request[TRACE] = trace = Trace(inputs=len(req.inputs))
+    request[TRACE] = trace = Trace()
     outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key), trace)
     app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
     app[METRICS].observe_embedding(
-        key.team, key.id, req.model, inputs=len(outcome.positions), upstream_inputs=outcome.upstream_inputs,
+        key.team, key.id, req.model, inputs=trace.inputs, upstream_inputs=trace.upstream_inputs,
         prompt_tokens=outcome.prompt_tokens, billed_tokens=outcome.billed_tokens,
         price_per_million_tokens=settings.models[req.model].price_per_million_tokens,
     )

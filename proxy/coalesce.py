@@ -43,10 +43,6 @@ class InFlight:
         """The current release epoch; note it before reading the cache."""
         return self._epoch
 
-    def pending(self, keys: Iterable[str]) -> set[str]:
-        """Keys some request is fetching now: their cache read can be skipped (their future will answer)."""
-        return {k for k in keys if k in self._futures}
-
     def released_since(self, key: str, epoch: int) -> bool:
         """Whether `key` was fetched and written to the cache after `epoch` (when unsure: True)."""
         if epoch < self._forgotten:

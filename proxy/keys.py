@@ -213,7 +213,6 @@ class KeyStore:
         return await self._store.operator_call("key-update", write)
 
 
-
 def bearer_key(headers: Any) -> str | None:
     """The key from `Authorization: Bearer ...` (OpenAI clients) or `api-key` (Azure-style clients)."""
     auth = headers.get("Authorization")

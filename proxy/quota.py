@@ -239,8 +239,8 @@ class Quotas:
             log.warning("redis unreachable: quotas are enforced per process until it is back")
         return await script(keys=keys, args=args, client=self._local)
 
-    def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float,
-               counters: list[Counter] | None = None, values: list[int] | None = None) -> None:
+    def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float, counters: list[Counter],
+               values: list[int]) -> None:
         """Raise the 429 for counter `c` (at `used`, asked for `asked` more). `counters` and their current `values`
         fill the x-ratelimit-* headers for both requests and tokens; the refusing side shows `c` as it stands."""
         whose = f"team '{key.team}'" if c.scope == "team" else f"key {key.id}"
@@ -258,8 +258,7 @@ class Quotas:
                 message.replace("Rate limit reached", "Quota exceeded") + " The budget resets then.",
                 retry_after=wait,
             )
-        if counters is not None and values is not None and len(values) == len(counters):
-            err.headers.update(rate_headers(counters, values, now))
+        err.headers.update(rate_headers(counters, values, now))
         err.headers.update(rate_headers([c], [used], now))  # the counter that refused it, as it stands
         raise err
 

@@ -46,9 +46,6 @@ class Outcome:
     prompt_tokens: int  # every input, as the upstream would count them
     billed_tokens: int  # tokens this request itself sent upstream
     cache: Literal["hit", "miss", "partial"]
-    cache_hits: int  # unique inputs found in the cache
-    upstream_inputs: int  # unique inputs this request sent upstream
-    cache_bypassed: bool
     ticket: Ticket | None = None  # the quota reservation, when the key or its team has limits
     keys: Sequence[str] = ()  # the cache key of each entry
 
@@ -59,7 +56,8 @@ class Outcome:
 
 @dataclass(slots=True)
 class Trace:
-    """What one request did, for its access line; filled in as it goes, so a failed request has it too."""
+    """What one request did, for its access line and metrics; filled in as it goes, so a failed request has it
+    too. (Outcome holds what the answer needs.)"""
 
     inputs: int = 0
     cache_hits: int = 0  # unique inputs found in the cache (either tier)
@@ -157,14 +155,14 @@ class EmbeddingService:
         inflight = self._inflight
         epoch = inflight.epoch()  # before the cache read: what is released after it may need a second look
         lookup = [i for i, e in enumerate(found) if e is None and keys[i] not in inflight]
-        bypassed = not cacheable
+        readable = cacheable  # false once Redis fails this request: no second read
         quota_reply: Any = None
         if cacheable and lookup:
             try:
                 also = ticket.queue if ticket is not None else None
                 quota_reply = await self._read(keys, lookup, found, dims, also)
             except StoreUnavailable:
-                bypassed = True
+                readable = False
                 m.add(m.cache_lookups, "error", amount=len(lookup))
         misses = [i for i, e in enumerate(found) if e is None]
 
@@ -183,8 +181,7 @@ class EmbeddingService:
         if ticket is not None and ticket.counts_all:
             await ticket.charge_tokens(sum(counts[p] for p in positions))
         if misses:
-            misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, cacheable and not bypassed,
-                                               ticket)
+            misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, readable, ticket)
         hits = len(keys) - len(misses)
         trace.cache_hits = hits
 
@@ -218,7 +215,7 @@ class EmbeddingService:
             await ticket.settle(prompt if ticket.counts_all else billed)
         trace.prompt_tokens, trace.cached_tokens = prompt, prompt - billed
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
-        return Outcome(entries, positions, prompt, billed, state, hits, len(owned_idx), bypassed, ticket, keys)
+        return Outcome(entries, positions, prompt, billed, state, ticket, keys)
 
     async def _read(
         self, keys: list[str], lookup: list[int], found: list[Entry | None], dims: int,

@@ -3,9 +3,9 @@
 Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError`, `OSError` and
 timeouts into `StoreUnavailable`. After a failure the store is left alone for `retry_interval_s` (callers get
 `StoreUnavailable` at once instead of waiting on a dead server), then tried again: recovery needs no restart.
-Operator work (admin API, CLI, usage reports, ledger flushes) calls with `timeout_s=store.operator_timeout_s,
-mark_down=False`: it may be slow without being a sign of trouble, so its failure is its own and never makes the
-hot path bypass Redis (and it does not wait out the hot path's `retry_interval_s` either).
+Operator work (admin API, CLI, usage reports, ledger flushes) goes through `Store.operator_call`: it may be slow
+without being a sign of trouble, so its failure is its own and never makes the hot path bypass Redis (and it does
+not wait out the hot path's `retry_interval_s` either).
 `on_error(op)` hears of every call that failed from its caller's view: raised, timed out, refused at once while
 Redis is left alone, or answered with an error reply inside a pipeline run with `raise_on_error=False`.
 """

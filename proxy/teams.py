@@ -110,4 +110,3 @@ class TeamStore:
         out = {name: (limits, "config") for name, limits in self._configured.items()}
         out.update({name: (limits, "runtime") for name, limits in stored.items()})
         return dict(sorted(out.items()))
-

@@ -49,3 +49,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def count_store_calls(store: Any) -> list[str]:
+    """Replace `store.call` by a wrapper that records each call's op, in order; returns the (live) record."""
+    calls: list[str] = []
+    real = store.call
+
+    async def counted(op: str, fn: Any, **kw: Any) -> Any:
+        calls.append(op)
+        return await real(op, fn, **kw)
+
+    store.call = counted
+    return calls

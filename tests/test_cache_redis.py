@@ -14,6 +14,7 @@ from proxy.config import RedisSettings
 from proxy.rediskeys import RedisKeys
 from proxy.store import Store, StoreUnavailable
 from tests.conftest import RedisServer
+from tests.helpers import count_store_calls
 
 pytestmark = pytest.mark.redis
 
@@ -37,14 +38,7 @@ async def test_reads_in_one_loop_turn_share_one_pipeline(redis_server: RedisServ
     redis_server.flush()
     client = aioredis.Redis(port=redis_server.port)
     store = Store(client, RedisSettings(url=redis_server.url))
-    calls: list[str] = []
-    real = store.call
-
-    async def counted(op: str, fn: Any, **kw: Any) -> Any:
-        calls.append(op)
-        return await real(op, fn, **kw)
-
-    store.call = counted  # type: ignore[method-assign]
+    calls = count_store_calls(store)
     cache = EmbeddingCache(store, RedisKeys(), ttl_s=60, secret="s")
     vec = np.arange(4, dtype="<f4").tobytes()
     try:

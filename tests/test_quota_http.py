@@ -16,6 +16,7 @@ from proxy.limits import Limits
 from proxy.rediskeys import RedisKeys
 from proxy.usage import day_of
 from tests.conftest import Proxy, Upstream, make_settings, settle
+from tests.helpers import count_store_calls
 
 pytestmark = pytest.mark.redis
 MODEL = "text-embedding-3-small"
@@ -350,14 +351,7 @@ async def test_a_cache_hit_with_quotas_costs_one_redis_round_trip(
     assert (await p.embed(key, body)).status == 200  # verifies the key, reads the team, fills the cache
     await settle(p)
     await p.app[LEDGER].flush()  # so that the periodic flush has nothing to do during the count
-    calls: list[str] = []
-    real_call = store.call
-
-    async def counting(op: str, fn: Any, **kw: Any) -> Any:
-        calls.append(op)
-        return await real_call(op, fn, **kw)
-
-    store.call = counting  # type: ignore[method-assign]
+    calls = count_store_calls(store)
     hit = await p.embed(key, body)
     assert hit.status == 200 and hit.headers["x-cache"] == "hit"
     assert calls == ["mget"]  # cache read and request quota in one pipeline; key and team from memory

@@ -20,7 +20,7 @@ from proxy.service import Outcome
 def _outcome(vectors: list[bytes | memoryview], positions: list[int]) -> Outcome:
     entries = [Entry(v, 3 + i) for i, v in enumerate(vectors)]
     prompt = sum(entries[p].tokens for p in positions)
-    return Outcome(entries, positions, prompt, 3, "partial", 1, 1, False)
+    return Outcome(entries, positions, prompt, 3, "partial")
 
 
 def test_base64_body_is_byte_identical_to_orjson() -> None:
@@ -46,7 +46,7 @@ def test_float_body_is_byte_identical_to_orjson_and_kept_for_hot_entries() -> No
     raw = [rng.standard_normal(dims, dtype=np.float32).tobytes() for dims in (1536, 7)]
     vectors: list[bytes | memoryview] = [memoryview(b"\x05\x00\x00\x00" + raw[0])[4:], raw[1]]
     entries = [Entry(v, 3 + i) for i, v in enumerate(vectors)]
-    outcome = Outcome(entries, [1, 0, 1], 9, 3, "partial", 1, 1, False, None, ["k0", "k1"])
+    outcome = Outcome(entries, [1, 0, 1], 9, 3, "partial", None, ["k0", "k1"])
     req = EmbeddingRequest("m", "s", ["b", "a", "b"], "float", None, None)
     expected = orjson.dumps({
         "object": "list",
