@@ -206,6 +206,8 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     teams = await (await admin(p, "GET", "/admin/teams")).json()
     assert {"team": "ads", "limits": {"rpm": None, "tpm": 2, "tokens_per_day": None, "tokens_per_month": None},
             "source": "runtime"} in teams["data"]
+    bad = await admin(p, "DELETE", "/admin/teams/Not%20A%20Team")
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "team"
     reset = await admin(p, "DELETE", "/admin/teams/ads")  # back to the config (none for ads): unlimited again
     assert reset.status == 200 and (await reset.json())["limits"]["tpm"] is None
     assert (await p.embed(key, {"model": MODEL, "input": "three new tokens here"})).status == 200
