@@ -1,7 +1,8 @@
 """A deterministic OpenAI-compatible fake embeddings upstream, for tests, demos and benchmarks.
 
 A vector depends only on the model and the input's cl100k_base token ids, so a string and its ids embed alike.
-Failures queued with `MockState.fail_next` (or `POST /_mock/fail`) are consumed one per embeddings request.
+Failures queued with `MockState.fail_next` (or `POST /_mock/fail`) are consumed one per embeddings request; their
+kinds are in mock_faults.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 import xxhash
 from aiohttp import web
 
+from .mock_faults import FAIL_MODES, MALFORMED_MODES, Failure, malform
 from .tokens import get_encoding
 
 ENCODING = "cl100k_base"
@@ -30,7 +32,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # aiohttp's 1 MiB default is below what OpenA
 KEPT_BODIES = 100
 TIMEOUT_SLEEP = 60.0  # the "timeout" failure's stall; cut short when the app shuts down
 FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})  # anything else is refused
-FAIL_MODES = frozenset({"status", "disconnect", "timeout", "wrong_count", "wrong_dims", "nan", "garbage"})
+HUGE_BODY_BYTES = 64 * 1024 * 1024  # the "huge_body" answer's padding, streamed: far above any answer's size
 _JSON = "application/json"
 _MALFORMED = object()  # stands for a body that is not JSON
 
@@ -68,14 +70,19 @@ class MockState:
         self.inputs = 0
         self.last_authorization: str | None = None
         self.bodies: list[dict[str, Any]] = []
-        self.pending: collections.deque[tuple[str, int, float | None]] = collections.deque()  # mode, status, wait
+        self.pending: collections.deque[Failure] = collections.deque()
+        self.huge_body_sent = 0  # bytes of "huge_body" answers the client took before it hung up
 
-    def fail_next(self, mode: str, times: int = 1, status: int = 500, retry_after: float | None = None) -> None:
+    def fail_next(self, mode: str, times: int = 1, status: int = 500, retry_after: float | str | None = None,
+                  retry_after_ms: str | None = None) -> None:
+        """Queue `times` failures. The "status" mode's `retry_after` in seconds is sent as both `Retry-After` and
+        `retry-after-ms`; a string (`"1e309"`, `"soon"`, a date) as `Retry-After` alone, verbatim, and
+        `retry_after_ms` as `retry-after-ms`, verbatim."""
         if mode not in FAIL_MODES:
             raise ValueError(f"unknown failure mode {mode!r}; known: {sorted(FAIL_MODES)}")
         if times < 1 or not 100 <= status <= 599:
             raise ValueError("times must be >= 1 and status a valid HTTP status")
-        self.pending.extend([(mode, status, retry_after)] * times)
+        self.pending.extend([Failure(mode, status, retry_after, retry_after_ms)] * times)
 
 
 MOCK_STATE = web.AppKey("mock_state", MockState)
@@ -187,11 +194,11 @@ def _check_auth(request: web.Request, settings: MockSettings) -> web.Response | 
     return _error(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-async def _injected(request: web.Request, mode: str, status: int, wait: float | None) -> web.StreamResponse | None:
+async def _injected(request: web.Request, failure: Failure) -> web.StreamResponse | None:
     """The answer for an injected failure, or None when normal handling follows."""
+    mode, status = failure.mode, failure.status
     if mode == "status":
-        headers = {} if wait is None else {"Retry-After": f"{wait:g}", "retry-after-ms": f"{wait * 1000:.0f}"}
-        return _error(status, f"Injected failure (status {status}).", headers=headers,
+        return _error(status, f"Injected failure (status {status}).", headers=failure.headers(),
                       type_="server_error" if status >= 500 else "invalid_request_error",
                       code="rate_limit_exceeded" if status == 429 else None)
     if mode == "garbage":
@@ -223,8 +230,9 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
     await asyncio.sleep(settings.latency_ms / 1000)
     mode = None
     if state.pending:
-        mode, status, wait = state.pending.popleft()
-        if (answer := await _injected(request, mode, status, wait)) is not None:
+        failure = state.pending.popleft()
+        mode = failure.mode
+        if (answer := await _injected(request, failure)) is not None:
             return answer
     try:
         model, ids, b64, dims = _parse_request(body, settings.models)
@@ -238,11 +246,33 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
     elif mode == "nan":
         vectors[0] = np.concatenate([np.array([np.nan], dtype=np.float32), vectors[0][1:]])
     data = [_embedding_item(i, v, b64 and not settings.floats_only) for i, v in enumerate(vectors)]
-    if settings.shuffle:
-        data.reverse()
     tokens = sum(map(len, ids)) + settings.token_skew * len(ids)
     doc = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-    return web.Response(body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), content_type=_JSON)
+    if mode in MALFORMED_MODES:
+        malform(mode, doc, vectors)
+    if settings.shuffle:
+        data.reverse()
+    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if mode == "huge_body":
+        return await _huge_body(request, body)
+    return web.Response(body=body, content_type=_JSON)
+
+
+async def _huge_body(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A correct answer followed by HUGE_BODY_BYTES of JSON whitespace, chunked, until the client hangs up."""
+    state = request.app[MOCK_STATE]
+    resp = web.StreamResponse(headers={"Content-Type": _JSON})
+    await resp.prepare(request)
+    pad = b" " * 65536
+    try:
+        await resp.write(body)
+        for _ in range(HUGE_BODY_BYTES // len(pad)):
+            await resp.write(pad)
+            state.huge_body_sent += len(pad)
+        await resp.write_eof()
+    except ConnectionError:  # the client stopped reading: what it should do
+        pass
+    return resp
 
 
 async def _models(request: web.Request) -> web.StreamResponse:
@@ -262,8 +292,10 @@ async def _stats(request: web.Request) -> web.StreamResponse:  # GET /_mock/stat
 async def _fail(request: web.Request) -> web.StreamResponse:
     try:
         doc = orjson.loads(await request.read())
+        wait, wait_ms = doc.get("retry_after"), doc.get("retry_after_ms")
         request.app[MOCK_STATE].fail_next(doc["mode"], int(doc.get("times", 1)), int(doc.get("status", 500)),
-                                          None if doc.get("retry_after") is None else float(doc["retry_after"]))
+                                          wait if wait is None or isinstance(wait, str) else float(wait),
+                                          None if wait_ms is None else str(wait_ms))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         return _error(400, f"Bad failure spec: {exc!r}")
     return _json({"ok": True})

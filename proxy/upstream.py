@@ -6,6 +6,7 @@ key is sent in the Authorization header and never appears in an error message or
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import random
@@ -33,6 +34,16 @@ from .errors import (
 log = logging.getLogger("proxy.upstream")
 _RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 5.0
+MAX_RETRY_AFTER_S = 3600.0  # an upstream's Retry-After beyond this is cut to it (see parse_retry_after)
+# Plausible usage: no tokenizer counts more than 4x cl100k_base, plus a few special tokens per input.
+_USAGE_FACTOR = 4
+_USAGE_SLACK_PER_INPUT = 8
+# An answer larger than this is refused unread: 64 bytes per float (JSON, even pretty-printed, needs about 25),
+# per item and per answer slack for the other fields. Applies to the decoded body (a gzip bomb stops there too).
+_BYTES_PER_FLOAT = 64
+_BYTES_PER_ITEM = 512
+_BYTES_PER_ANSWER = 64 * 1024
+_ERROR_BODY_BYTES = 64 * 1024  # of an error answer only the message is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,30 +53,60 @@ class UpstreamResult:
 
 
 def split_usage(total: int, local: Sequence[int]) -> list[int]:
-    """Per-input counts that add up to the upstream's `total`, proportional to the local counts.
+    """Per-input counts that add up to the upstream's `total`, proportional to the local counts, at least 1 each.
 
-    Exact local counts are kept as they are; otherwise largest-remainder apportionment.
+    Exact local counts are kept as they are. Otherwise each input gets 1 token and `total - len(local)` is shared by
+    largest-remainder apportionment: a cached entry never carries 0 tokens, which would make its hits free.
+    `total` must be at least `len(local)` (`usage_tokens` refuses any other answer).
     """
+    if total < len(local):
+        raise ValueError(f"cannot give {len(local)} inputs at least one of {total} tokens")
     local_sum = sum(local)
-    if local_sum == total:
+    if local_sum == total and all(local):
         return list(local)
     if local_sum == 0:
         local, local_sum = [1] * len(local), len(local)
-    shares = [total * c // local_sum for c in local]
-    order = sorted(range(len(local)), key=lambda i: (-(total * local[i] % local_sum), i))
-    for i in order[: total - sum(shares)]:
+    rest = total - len(local)
+    shares = [rest * c // local_sum for c in local]
+    order = sorted(range(len(local)), key=lambda i: (-(rest * local[i] % local_sum), i))
+    for i in order[: rest - sum(shares)]:
         shares[i] += 1
-    return shares
+    return [s + 1 for s in shares]
+
+
+def usage_tokens(reported: int | None, local: Sequence[int]) -> list[int]:
+    """Per-input tokens of an answer whose usage said `reported`; an implausible figure is a malformed answer.
+
+    The upstream's count is the authority (it bills by it), within bounds: every input is at least one token, and
+    no tokenizer counts more than `_USAGE_FACTOR` times cl100k_base plus a few special tokens per input. Outside
+    them the answer is refused (retried, never cached): one figure that lies cannot be trusted for the vectors
+    either, and an unbounded count would reach clients, quotas and the ledger (HINCRBY overflows at 2**63).
+    """
+    if reported is None:
+        return list(local)
+    bound = _USAGE_FACTOR * sum(local) + _USAGE_SLACK_PER_INPUT * len(local)
+    if not len(local) <= reported <= bound:
+        raise _bad(f"The upstream reported {reported} tokens for {len(local)} inputs (expected {len(local)} to "
+                   f"{bound}).")
+    return split_usage(reported, local)
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the upstream asks us to wait, from `retry-after-ms` (OpenAI's) or else `Retry-After`.
+
+    Defensive, since the value reaches sleeps and clients: anything but a non-negative number (`soon`, `-5`, `nan`,
+    an HTTP date: OpenAI and Azure send seconds, and a date would trust the upstream's clock) counts as absent, and
+    a longer wait than MAX_RETRY_AFTER_S (`1e300`; `1e309`, infinite as a float) is cut to it.
+    """
     for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
         value = headers.get(name)
         if value:
             try:
-                return max(0.0, float(value) * scale)
+                seconds = float(value) * scale
             except ValueError:
                 continue
+            if seconds >= 0:  # false for NaN too
+                return min(seconds, MAX_RETRY_AFTER_S)
     return None
 
 
@@ -142,9 +183,10 @@ class UpstreamClient:
                 if remaining <= 0:
                     raise UpstreamTimeout("The upstream did not answer within the proxy's deadline.")
                 try:
-                    raw = await self._attempt(spec.upstream, payload, min(up.attempt_timeout_s, remaining))
+                    raw = await self._attempt(spec.upstream, payload, min(up.attempt_timeout_s, remaining),
+                                              answer_limit(len(inputs), dims))
                     vectors, usage = parse_answer(raw, len(inputs), dims)
-                    return UpstreamResult(vectors, split_usage(usage, local_counts) if usage else list(local_counts))
+                    return UpstreamResult(vectors, usage_tokens(usage, local_counts))
                 except _Retryable as exc:
                     if attempt >= up.max_retries:
                         raise exc.error from None
@@ -159,7 +201,7 @@ class UpstreamClient:
                     log.info("upstream attempt %d failed (%s); retrying in %.3fs", attempt, exc.error.code, wait)
                     await self._sleep(wait)
 
-    async def _attempt(self, name: str, payload: bytes, limit_s: float) -> bytes:
+    async def _attempt(self, name: str, payload: bytes, limit_s: float, limit_bytes: int) -> bytes:
         if self._session is None:
             raise ServiceUnavailable("The upstream client is not running.")
         url, headers, api_key = self._targets[name]
@@ -167,9 +209,12 @@ class UpstreamClient:
             async with self._session.post(
                 url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=limit_s)
             ) as resp:
-                body = await resp.read()
                 if resp.status == 200:
+                    body = await _read_at_most(resp, limit_bytes)
+                    if body is None:
+                        raise _bad(f"The upstream's answer is larger than {limit_bytes} bytes.")
                     return body
+                body = await _read_at_most(resp, _ERROR_BODY_BYTES) or b""
                 raise upstream_status_error(resp.status, body, parse_retry_after(resp.headers), secret=api_key)
         except TimeoutError:
             raise _Retryable(UpstreamTimeout("The upstream timed out.")) from None
@@ -178,6 +223,26 @@ class UpstreamClient:
                                                 kind="connect")) from None
         except aiohttp.ClientError as exc:  # e.g. a malformed HTTP answer
             raise _Retryable(UpstreamBadGateway(f"Could not reach the upstream ({type(exc).__name__}).")) from None
+
+
+def answer_limit(count: int, dims: int) -> int:
+    """The most bytes a plausible answer of `count` vectors of `dims` floats takes, as JSON floats or base64."""
+    return count * (dims * _BYTES_PER_FLOAT + _BYTES_PER_ITEM) + _BYTES_PER_ANSWER
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed `limit` bytes (the connection is then closed)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        resp.close()
+        return None
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            resp.close()  # not reused: the rest of the body is never read
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _upstream_message(body: bytes) -> str:
@@ -211,32 +276,44 @@ def upstream_status_error(status: int, body: bytes, retry_after: float | None, *
 
 
 def parse_answer(raw: bytes, count: int, dims: int) -> tuple[np.ndarray, int | None]:
-    """Vectors in input order and the reported prompt tokens; anything malformed raises (never cached)."""
+    """Vectors in input order and the reported prompt tokens; anything malformed raises _Retryable (never cached).
+
+    Well-formed: a JSON object whose `data` holds exactly `count` objects, each with an int `index` (every one of
+    0..count-1 once) and an `embedding` that is `dims` JSON numbers (not booleans, strings, nulls or lists) or the
+    base64 of `dims` little-endian float32, every value finite as float32; `usage`, when present, an object whose
+    `prompt_tokens`, when present, is an int.
+    """
     try:
         doc = orjson.loads(raw)
-        items = doc["data"]
-        usage = doc.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise _Retryable(UpstreamBadGateway("The upstream's answer is not valid JSON.")) from None
+    except orjson.JSONDecodeError:
+        raise _bad("The upstream's answer is not valid JSON.") from None
+    items = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(items, list) or len(items) != count:
         raise _bad(f"The upstream returned {len(items) if isinstance(items, list) else 'no'} vectors for {count}"
                    " inputs.")
+    usage = doc.get("usage")
+    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if (usage is not None and not isinstance(usage, dict)) or (
+            prompt_tokens is not None and type(prompt_tokens) is not int):
+        raise _bad("The upstream's usage is malformed.")
     out = np.empty((count, dims), dtype="<f4")
     seen = np.zeros(count, dtype=bool)
-    for item in items:
-        try:
-            index, emb = item["index"], item["embedding"]
-        except (KeyError, TypeError):
-            raise _bad("The upstream's answer lacks index or embedding.") from None
-        if type(index) is not int or not 0 <= index < count or seen[index]:
-            raise _bad("The upstream's answer has a bad or repeated index.")
-        seen[index] = True
-        out[index] = _vector(emb, dims)
+    lists: list[tuple[int, list[Any]]] = []  # float-list vectors, for the boolean check below
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+        for item in items:
+            if not isinstance(item, dict):
+                raise _bad("The upstream's answer lacks index or embedding.")
+            index, emb = item.get("index"), item.get("embedding")
+            if type(index) is not int or not 0 <= index < count or seen[index]:
+                raise _bad("The upstream's answer has a bad or repeated index.")
+            seen[index] = True
+            out[index] = _vector(emb, dims)
+            if isinstance(emb, list):
+                lists.append((index, emb))
     if not np.isfinite(out).all():
         raise _bad("The upstream returned non-finite values.")
-    if prompt_tokens is not None and (type(prompt_tokens) is not int or prompt_tokens < 0):
-        raise _bad("The upstream's usage is malformed.")
+    if lists and _has_booleans(out, lists):
+        raise _bad("The upstream returned a vector with non-numbers.")
     return out, prompt_tokens
 
 
@@ -252,9 +329,21 @@ def _vector(emb: Any, dims: int) -> np.ndarray:
     if not isinstance(emb, list) or len(emb) != dims:
         raise _bad(f"The upstream returned a vector that is not {dims} numbers.")
     try:
-        return np.asarray(emb, dtype=np.float64).astype("<f4")
-    except (ValueError, TypeError):
+        # array('d') takes only what has __float__ or __index__: strings, nulls, lists and objects raise, where
+        # numpy would parse "0.001" and broadcast a nested list; as fast as np.asarray. Booleans pass: see below.
+        return np.frombuffer(array.array("d", emb), dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
         raise _bad("The upstream returned a vector with non-numbers.") from None
+
+
+def _has_booleans(out: np.ndarray, lists: list[tuple[int, list[Any]]]) -> bool:
+    """Whether a float-list vector holds a JSON true or false.
+
+    A boolean became exactly 0.0 or 1.0, which real embeddings almost never hold: only the rows that do are
+    looked at element by element, so the common answer pays one vectorised pass, not a Python loop per float.
+    """
+    suspect = ((out == 0) | (out == 1)).any(axis=1)
+    return any(suspect[i] and any(type(x) is bool for x in emb) for i, emb in lists)
 
 
 def _bad(message: str) -> _Retryable:

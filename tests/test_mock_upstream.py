@@ -20,6 +20,7 @@ import pytest
 import xxhash
 
 from proxy.mock_upstream import (
+    HUGE_BODY_BYTES,
     MOCK_STATE,
     MockModel,
     MockSettings,
@@ -402,6 +403,78 @@ async def test_fail_garbage(aiohttp_client: Any) -> None:
     assert resp.status == 200
     with pytest.raises(ValueError):
         json.loads(await resp.read())
+
+
+async def test_malformed_answers_are_the_correct_answer_changed(aiohttp_client: Any) -> None:
+    client = await make_client(aiohttp_client)
+    state = client.server.app[MOCK_STATE]
+    body = {"input": ["hello world", "b", "c"], "model": SMALL, "dimensions": 4, "encoding_format": "base64"}
+    good = await embed(client, body)
+    want = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in good["data"]]
+    tokens = good["usage"]["prompt_tokens"]
+    got = {}
+    for mode in ("strings", "booleans", "nested", "short_base64", "extra_float", "repeated_index", "missing_index",
+                 "usage_huge", "usage_negative", "usage_zero", "usage_float", "usage_few"):
+        state.fail_next(mode)
+        resp = await client.post("/v1/embeddings", json=body)
+        assert resp.status == 200
+        got[mode] = json.loads(await resp.read())
+    first = got["strings"]["data"][0]["embedding"]
+    assert first == [repr(float(x)) for x in want[0]] and all(isinstance(x, str) for x in first)
+    assert got["booleans"]["data"][1]["embedding"] == [bool(x > 0) for x in want[1]]
+    assert got["nested"]["data"][2]["embedding"] == [[float(x)] for x in want[2]]
+    assert base64.b64decode(got["short_base64"]["data"][0]["embedding"]) == want[0].tobytes()[:-2]
+    assert got["extra_float"]["data"][0]["embedding"] == [*map(float, want[0]), 0.5]
+    assert [d["index"] for d in got["repeated_index"]["data"]] == [0, 1, 0]
+    assert [d["index"] for d in got["missing_index"]["data"]] == [0, 1, 3]
+    usage = {m: got[m]["usage"]["prompt_tokens"] for m in got if m.startswith("usage_")}
+    assert usage == {"usage_huge": 2**63 - 1, "usage_negative": -5, "usage_zero": 0, "usage_float": float(tokens),
+                     "usage_few": 2}
+    assert isinstance(usage["usage_float"], float)
+    for mode in ("repeated_index", "missing_index", "usage_huge"):  # the vectors themselves are right
+        doc = got[mode]
+        assert [base64.b64decode(d["embedding"]) for d in doc["data"]][:2] == [want[0].tobytes(), want[1].tobytes()]
+    state.fail_next("repeated_index")
+    one = await embed(client, {"input": "x", "model": SMALL, "dimensions": 2})
+    assert [d["index"] for d in one["data"]] == [0, 0]  # one input: listed twice
+    assert await embed(client, body) == good  # consumed: the next answer is correct again
+
+
+async def test_huge_body_is_a_correct_answer_padded_and_streamed(aiohttp_client: Any) -> None:
+    client = await make_client(aiohttp_client)
+    state = client.server.app[MOCK_STATE]
+    body = {"input": "x", "model": SMALL, "dimensions": 2}
+    good = await embed(client, body)
+    state.fail_next("huge_body")
+    resp = await client.post("/v1/embeddings", json=body)
+    assert resp.status == 200 and resp.content_length is None  # chunked: no length to refuse it by
+    head = await resp.content.read(4096)
+    assert head.startswith(b'{"object":"list"')
+    resp.close()  # hang up early: the mock stops writing
+    await embed(client, body)
+    assert state.huge_body_sent < HUGE_BODY_BYTES
+    state.fail_next("huge_body")
+    raw = await (await client.post("/v1/embeddings", json=body)).read()
+    assert len(raw) > HUGE_BODY_BYTES and json.loads(raw) == good  # valid JSON: whitespace after the answer
+
+
+async def test_retry_after_strings_are_sent_verbatim(aiohttp_client: Any) -> None:
+    client = await make_client(aiohttp_client)
+    state = client.server.app[MOCK_STATE]
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    state.fail_next("status", status=429, retry_after="1e309")
+    state.fail_next("status", status=503, retry_after=date, retry_after_ms="-5")
+    state.fail_next("status", status=503, retry_after_ms="1e300")
+    seen = []
+    for _ in range(3):
+        resp = await client.post("/v1/embeddings", json={"input": "x", "model": SMALL})
+        seen.append((resp.status, resp.headers.get("Retry-After"), resp.headers.get("retry-after-ms")))
+    assert seen == [(429, "1e309", None), (503, date, "-5"), (503, None, "1e300")]
+    resp = await client.post("/_mock/fail", json={"mode": "status", "status": 429, "retry_after": "soon",
+                                                  "retry_after_ms": "1e309"})
+    assert resp.status == 200
+    resp = await client.post("/v1/embeddings", json={"input": "x", "model": SMALL})
+    assert (resp.headers["Retry-After"], resp.headers["retry-after-ms"]) == ("soon", "1e309")
 
 
 def test_fail_next_rejects_bad_arguments() -> None:

@@ -194,3 +194,50 @@ async def test_upstream_400_message_is_relayed_without_the_upstream_key(scripted
     assert script.hits == 1 and fake.sleeps == []
     assert KEY not in exc.value.message and KEY not in exc.value.to_json().decode()
     assert "input too long" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "told"),
+    [("1e309", 3600.0), ("1e300", 3600.0), ("inf", 3600.0)],
+)
+async def test_absurd_retry_after_is_cut_to_an_hour_and_never_slept(scripted_client: Any, value: str,
+                                                                     told: float) -> None:
+    client, script, fake, rng = await scripted_client([failure(429, **{"Retry-After": value})], deadline_s=10.0)
+    with pytest.raises(RateLimited) as exc:
+        await embed(client)
+    assert exc.value.retry_after == told  # what the client is told: bounded, finite
+    assert script.hits == 1 and fake.sleeps == [] and rng.bounds == []
+
+
+async def test_an_hour_is_the_longest_wait_even_within_a_longer_deadline(scripted_client: Any) -> None:
+    client, script, fake, _ = await scripted_client([failure(503, **{"Retry-After": "1e300"})], deadline_s=7200.0)
+    await embed(client)
+    assert fake.sleeps == [3600.0] and script.hits == 2
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "soon", "-1e309"])
+async def test_retry_after_that_is_no_wait_is_ignored_for_full_jitter(scripted_client: Any, value: str) -> None:
+    client, script, fake, rng = await scripted_client(
+        [failure(429, **{"Retry-After": value, "retry-after-ms": value})], backoff_base_s=0.5
+    )
+    await embed(client)
+    assert script.hits == 2 and rng.bounds == [(0, 0.5)]  # not an immediate retry: the usual backoff
+    assert 0 <= fake.sleeps[0] <= 0.5
+
+
+async def test_an_answer_larger_than_its_bound_is_refused_unread_and_retried(scripted_client: Any) -> None:
+    _, headers, body = OK
+    padded = body + b" " * (4 * 64 + 512 + 65536)  # valid JSON, one input of 4 floats: over answer_limit(1, 4)
+    client, script, fake, _ = await scripted_client([(200, headers, padded)])
+    result = await embed(client)
+    assert script.hits == 2 and len(fake.sleeps) == 1  # refused, retried, the next answer taken
+    assert np.array_equal(result.vectors[0], VECTOR)
+
+
+async def test_usage_beyond_its_bound_is_retried_and_never_returned(scripted_client: Any) -> None:
+    absurd = orjson.loads(OK[2])
+    absurd["usage"] = {"prompt_tokens": 2**63 - 1, "total_tokens": 2**63 - 1}
+    client, script, _, _ = await scripted_client([(200, {}, orjson.dumps(absurd))] * 4, max_retries=3)
+    with pytest.raises(UpstreamBadGateway) as exc:
+        await embed(client)
+    assert script.hits == 4 and "9223372036854775807 tokens for 1 inputs" in exc.value.message
