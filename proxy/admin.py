@@ -29,9 +29,11 @@ from typing import Any, cast
 import orjson
 from aiohttp import web
 
+from .body import read_json_object
 from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
-from .keys import KEY_PREFIX, KeyStore, bearer_key
-from .limits import Limits
+from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, secret_bytes
+from .limits import Limits, check_team
+from .routing import expect_continue
 from .store import StoreUnavailable
 from .teams import TeamStore
 from .usage import GroupBy, UsageLedger, report_format
@@ -53,7 +55,7 @@ def check_admin(request: web.Request) -> None:
     if not given:
         raise AuthenticationFailed("The admin API needs 'Authorization: Bearer <admin key>'.",
                                    code="missing_api_key")
-    if hmac.compare_digest(given.encode(), expected.encode()):
+    if hmac.compare_digest(secret_bytes(given), secret_bytes(expected)):
         return
     if given.startswith(KEY_PREFIX):
         raise PermissionDenied("A gateway key cannot use the admin API.", code="not_admin_key")
@@ -62,19 +64,6 @@ def check_admin(request: web.Request) -> None:
 
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The body must be a JSON object.")
-    return body
 
 
 def limit_changes(body: dict[str, Any]) -> dict[str, int | None]:
@@ -95,20 +84,37 @@ def _allowed(body: dict[str, Any], allowed: set[str]) -> None:
         raise InvalidRequest(f"Unknown field '{sorted(unknown)[0]}'.", param=sorted(unknown)[0])
 
 
-def _number(body: dict[str, Any], name: str, default: float | None) -> float | None:
+def _seconds(body: dict[str, Any], name: str, default: float | None) -> float | None:
+    """A positive number of seconds, at most MAX_LIFETIME_S (JSON has no infinity, but 1e300 is a number)."""
     v = body.get(name, default)
-    if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v <= 0):
-        raise InvalidRequest(f"'{name}' must be a positive number of seconds.", param=name)
-    return None if v is None else float(v)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v <= MAX_LIFETIME_S:
+        raise InvalidRequest(f"'{name}' must be a positive number of seconds, at most {MAX_LIFETIME_S} "
+                             f"({MAX_LIFETIME_S // 86400} days).", param=name)
+    return float(v)
+
+
+def _team(team: str) -> str:
+    """A team name from the path or the query, checked before it reaches a Redis key."""
+    try:
+        return check_team(team)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid team name: {exc}.", param="team") from None
+
+
+def _team_filter(request: web.Request) -> str | None:
+    team = request.query.get("team")
+    return _team(team) if team else None
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    records = await request.app[KEYSTORE].list(request.query.get("team") or None)
+    records = await request.app[KEYSTORE].list(_team_filter(request))
     return _json({"object": "list", "data": [r.public() for r in records]})
 
 
 async def create_key(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json_object(request)
     _allowed(body, {"team", "name", "models", "expires_in_s", *_LIMIT_NAMES})
     team, name, models = body.get("team"), body.get("name", ""), body.get("models", [])
     if not isinstance(team, str):
@@ -120,7 +126,7 @@ async def create_key(request: web.Request) -> web.Response:
     unknown = [m for m in models if m not in request.app[MODELS]]
     if unknown:
         raise InvalidRequest(f"Unknown model '{unknown[0]}'.", param="models")
-    expires_in = _number(body, "expires_in_s", None)
+    expires_in = _seconds(body, "expires_in_s", None)
     limits = Limits().merged(limit_changes(body))
     try:
         key, record = await request.app[KEYSTORE].create(
@@ -144,7 +150,7 @@ async def show_key(request: web.Request) -> web.Response:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json_object(request)
     _allowed(body, set(_LIMIT_NAMES))
     key_id = request.match_info["id"]
     record = await request.app[KEYSTORE].set_limits(key_id, limit_changes(body))
@@ -157,10 +163,10 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json_object(request)
     _allowed(body, {"grace_s"})
     key_id = request.match_info["id"]
-    grace = _number(body, "grace_s", 86400.0)
+    grace = _seconds(body, "grace_s", 86400.0)
     rotated = _found(await request.app[KEYSTORE].rotate(key_id, grace or 0.0), key_id)
     key, new, old = rotated
     return _json({"key": key, **new.public(), "previous": old.public()}, status=201)
@@ -173,27 +179,21 @@ async def list_teams(request: web.Request) -> web.Response:
 
 
 async def show_team(request: web.Request) -> web.Response:
-    team = request.match_info["team"]
+    team = _team(request.match_info["team"])
     return _json({"team": team, "limits": (await request.app[TEAMS].in_force(team)).to_dict()})
 
 
 async def set_team(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_json_object(request)
     _allowed(body, set(_LIMIT_NAMES))
-    team = request.match_info["team"]
-    try:
-        limits = await request.app[TEAMS].set(team, limit_changes(body))
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="team") from None
+    team = _team(request.match_info["team"])
+    limits = await request.app[TEAMS].set(team, limit_changes(body))
     return _json({"team": team, "limits": limits.to_dict()})
 
 
 async def reset_team(request: web.Request) -> web.Response:
-    team = request.match_info["team"]
-    try:
-        limits = await request.app[TEAMS].reset(team)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="team") from None
+    team = _team(request.match_info["team"])
+    limits = await request.app[TEAMS].reset(team)
     return _json({"team": team, "limits": limits.to_dict()})
 
 
@@ -214,14 +214,16 @@ async def usage(request: web.Request) -> web.Response:
     if fmt not in ("json", "csv"):
         raise InvalidRequest("'format' must be json or csv.", param="format")
     since, until = parse_day(q.get("since"), "since"), parse_day(q.get("until"), "until")
-    with contextlib.suppress(StoreUnavailable):
-        await request.app[LEDGER].flush()  # this process's latest usage too
+    team, ledger = _team_filter(request), request.app[LEDGER]
     try:
-        prices: dict[str, float] = request.app[PRICES]
-        rows = await request.app[LEDGER].report(q.get("team") or None, since, until, cast(GroupBy | None, by),
-                                                prices)
+        ledger.check_range(since, until)  # before the flush: a refused report costs nothing
     except ValueError as exc:
-        raise InvalidRequest(str(exc), param="until") from None
+        raise InvalidRequest(f"{str(exc)[:1].upper()}{str(exc)[1:]}.", param="until" if until < since else "since"
+                             ) from None
+    with contextlib.suppress(StoreUnavailable):
+        await ledger.flush()  # this process's latest usage too
+    prices: dict[str, float] = request.app[PRICES]
+    rows = await ledger.report(team, since, until, cast(GroupBy | None, by), prices)
     if fmt == "csv":
         return web.Response(text=report_format(cast(GroupBy | None, by)).csv(rows), content_type="text/csv")
     return _json({"object": "list", "since": since.isoformat(), "until": until.isoformat(), "data": rows})
@@ -232,14 +234,14 @@ def add_routes(app: web.Application, keystore: KeyStore, teams: TeamStore, ledge
     app[KEYSTORE], app[TEAMS], app[LEDGER], app[ADMIN_KEY], app[PRICES] = keystore, teams, ledger, admin_key, prices
     app[MODELS] = frozenset(prices)
     r = app.router
-    r.add_get("/admin/keys", list_keys)
-    r.add_post("/admin/keys", create_key)
-    r.add_get("/admin/keys/{id}", show_key)
-    r.add_patch("/admin/keys/{id}", update_key)
-    r.add_post("/admin/keys/{id}/revoke", revoke_key)
-    r.add_post("/admin/keys/{id}/rotate", rotate_key)
-    r.add_get("/admin/teams", list_teams)
-    r.add_get("/admin/teams/{team}", show_team)
-    r.add_put("/admin/teams/{team}", set_team)
-    r.add_delete("/admin/teams/{team}", reset_team)
-    r.add_get("/admin/usage", usage)
+    r.add_get("/admin/keys", list_keys, expect_handler=expect_continue)
+    r.add_post("/admin/keys", create_key, expect_handler=expect_continue)
+    r.add_get("/admin/keys/{id}", show_key, expect_handler=expect_continue)
+    r.add_patch("/admin/keys/{id}", update_key, expect_handler=expect_continue)
+    r.add_post("/admin/keys/{id}/revoke", revoke_key, expect_handler=expect_continue)
+    r.add_post("/admin/keys/{id}/rotate", rotate_key, expect_handler=expect_continue)
+    r.add_get("/admin/teams", list_teams, expect_handler=expect_continue)
+    r.add_get("/admin/teams/{team}", show_team, expect_handler=expect_continue)
+    r.add_put("/admin/teams/{team}", set_team, expect_handler=expect_continue)
+    r.add_delete("/admin/teams/{team}", reset_team, expect_handler=expect_continue)
+    r.add_get("/admin/usage", usage, expect_handler=expect_continue)

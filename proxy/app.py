@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -23,15 +24,17 @@ from aiohttp import web
 from .accesslog import AccessLog, AccessRecord, access_line, error_code
 from .admin import add_routes as add_admin_routes
 from .admin import check_admin
+from .body import read_body
 from .cache import EmbeddingCache
 from .config import Settings
-from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, ServiceUnavailable
+from .errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, ServiceUnavailable
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
 from .rediskeys import RedisKeys
 from .request import parse_request
 from .response import render
+from .routing import UNMATCHED, add_unknown_route, expect_continue
 from .service import EmbeddingService, Trace
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
@@ -57,7 +60,7 @@ KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
 TRACE = web.RequestKey("trace", Trace)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: echoed in a header, so never a newline
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _UNLOGGED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no access line
 
@@ -66,11 +69,33 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+# The longest wait the proxy can mean: a monthly quota's reset. Anything longer (an upstream's 1e300) is noise.
+MAX_RETRY_AFTER_S = 31 * 86400
+_INTERNAL_ERROR = ProxyError("The proxy had an internal error.", code="internal_error").to_json()
+
+
+def retry_after_header(seconds: float) -> str:
+    """Whole seconds from 1 to MAX_RETRY_AFTER_S, whatever came in (an upstream may send 1e309: infinity)."""
+    if math.isnan(seconds):
+        return "1"
+    return str(int(min(max(seconds, 1.0), MAX_RETRY_AFTER_S) + 0.5))
+
+
+def _internal_error() -> web.Response:
+    return web.Response(body=_INTERNAL_ERROR, status=500, content_type="application/json")
+
+
 def _error_response(err: ProxyError) -> web.Response:
-    resp = web.Response(body=err.to_json(), status=err.status, content_type="application/json")
-    resp.headers.update(err.headers)
-    if err.retry_after is not None:
-        resp.headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    """The error's answer; it cannot fail (the error middleware is the last line), so a fault in building it gives
+    the constant internal error instead."""
+    try:
+        resp = web.Response(body=err.to_json(), status=err.status, content_type="application/json")
+        resp.headers.update(err.headers)
+        if err.retry_after is not None:
+            resp.headers["Retry-After"] = retry_after_header(err.retry_after)
+    except Exception:
+        log.exception("could not build the answer for %s", type(err).__name__)
+        return _internal_error()
     return resp
 
 
@@ -81,7 +106,7 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
         return MethodNotAllowed("Method not allowed on this route.", code="method_not_allowed")
     if exc.status == 413:
         return PayloadTooLarge("The request body is too large.")
-    err = ProxyError(exc.reason or "Error.")
+    err = (InvalidRequest if exc.status < 500 else ProxyError)(exc.reason or "Error.")
     err.status = exc.status
     return err
 
@@ -89,7 +114,7 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("x-request-id", "")
-    request[REQUEST_ID] = rid if rid and _REQUEST_ID.match(rid) else os.urandom(16).hex()
+    request[REQUEST_ID] = rid if _REQUEST_ID.fullmatch(rid) else os.urandom(16).hex()
     try:
         resp = await handler(request)
     except ProxyError as err:
@@ -102,7 +127,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = _error_response(_from_http_exception(exc))
     except Exception:
         log.exception("unhandled error in request %s", request[REQUEST_ID])
-        resp = _error_response(ProxyError("The proxy had an internal error.", code="internal_error"))
+        resp = _internal_error()
+    if request.content.exception() is not None:
+        # The body broke off (body.read_body answered it): close after this answer, and mark the body read, or
+        # aiohttp reads on into the broken stream after the answer and logs a traceback.
+        request.content.feed_eof()
+        resp.force_close()
     resp.headers["x-request-id"] = request[REQUEST_ID]
     return resp
 
@@ -118,6 +148,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         m.in_flight_now += 1
     try:
         resp = await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:  # the error middleware answers every error: this is a fault of its own, still counted
+        log.exception("error middleware failed in request %s", request.get(REQUEST_ID, ""))
+        resp = _internal_error()
     finally:
         if is_embeddings:
             m.in_flight_now -= 1
@@ -132,7 +167,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         route = request.match_info.route.resource
         access.add(access_line(AccessRecord(
             request_id=request.get(REQUEST_ID, ""), method=request.method,
-            path=route.canonical if route is not None else "<unmatched>", status=resp.status,
+            path=route.canonical if route is not None and route.name != UNMATCHED else "<unmatched>",
+            status=resp.status,
             duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
             error_code=error_code(resp.status, getattr(resp, "body", None)),
         ), request.get(TRACE)))
@@ -151,7 +187,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def embeddings(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
-    req = parse_request(await request.read(), settings.models)
+    req = parse_request(await read_body(request), settings.models)
     request[MODEL] = req.model
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
@@ -278,13 +314,15 @@ def create_app(
         m.flush()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    r = app.router
+    r.add_post("/v1/embeddings", embeddings, expect_handler=expect_continue)
+    r.add_get("/v1/models", list_models, expect_handler=expect_continue)
+    r.add_get("/v1/models/{model}", get_model, expect_handler=expect_continue)
+    r.add_get("/healthz", healthz, expect_handler=expect_continue)
+    r.add_get("/readyz", readyz, expect_handler=expect_continue)
     if metrics_route:
-        app.router.add_get("/metrics", metrics)
+        r.add_get("/metrics", metrics, expect_handler=expect_continue)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
+    add_unknown_route(app)
     return app

@@ -243,7 +243,7 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         redis = dataclasses.replace(redis, url=env["REDIS_URL"])
     teams = _tables(raw.get("teams", {}), "teams", Limits, source)
     for name, limits in teams.items():
-        if not TEAM_RE.match(name):
+        if not TEAM_RE.fullmatch(name):
             raise ConfigError(f"{source}: teams.{name}: team names are 1-63 characters of a-z, 0-9, '_', '.', '-'")
         for limit, value in limits.items():
             if value < 1:

@@ -25,15 +25,25 @@ from .store import Store, StoreUnavailable
 
 log = logging.getLogger("proxy.keys")
 KEY_PREFIX = "sk-gateway-"
-_KEY_RE = re.compile(r"^sk-gateway-[A-Za-z0-9_-]{32,}$")
+_KEY_RE = re.compile(r"sk-gateway-[A-Za-z0-9_-]{32,}")  # fullmatch: `$` would also match before a final newline
+# The longest a key may live, or stay usable after a rotation: beyond this an expiry is a typo, and times far
+# enough in the future are not dates at all (a record expiring in 1e300 s cannot be printed).
+MAX_LIFETIME_S = 10 * 365 * 86400
 
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def secret_bytes(text: str) -> bytes:
+    """A key or secret as bytes, whatever the str holds. Header bytes and environment variables that are not UTF-8
+    arrive as lone surrogates (aiohttp and os.environ decode with surrogateescape), which `str.encode()` refuses;
+    'surrogatepass' encodes every str, and distinct strs to distinct bytes."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(secret_bytes(key)).hexdigest()
 
 
 def new_key_id() -> str:
@@ -116,6 +126,15 @@ class KeyRecord:
         return not self.models or model in self.models
 
 
+def _readable(raw: dict[bytes, bytes]) -> KeyRecord | None:
+    """A stored record, or None (and a warning) if it cannot be read: one bad record must not hide the others."""
+    try:
+        return KeyRecord.from_redis(raw)
+    except (KeyError, ValueError) as exc:  # a partial hash, a field that is not a number, bytes that are not UTF-8
+        log.warning("key record %r skipped: unreadable (%s)", raw.get(b"id", b"?")[:64], type(exc).__name__)
+        return None
+
+
 class KeyStore:
     def __init__(self, store: Store, keys: RedisKeys, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -162,7 +181,7 @@ class KeyStore:
             for d in digests:
                 if d is not None:
                     pipe.hgetall(self._keys.key_record(d.decode()))
-            return [KeyRecord.from_redis(raw) for raw in await pipe.execute() if raw]
+            return [rec for raw in await pipe.execute() if raw and (rec := _readable(raw)) is not None]
 
         records = await self._store.operator_call("key-list", read)
         return [rec for rec in records if team is None or rec.team == team]
@@ -253,7 +272,7 @@ class Authenticator:
                 "You didn't provide an API key. Send it as 'Authorization: Bearer sk-gateway-...'.",
                 code="missing_api_key",
             )
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise AuthenticationFailed("Incorrect API key provided.")
         digest = hash_key(key)
         now = self._clock()

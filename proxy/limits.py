@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-TEAM_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TEAM_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # fullmatch only: `$` also matches before a final newline
 
 
 def check_team(team: str) -> str:
-    if not TEAM_RE.match(team):
+    if not TEAM_RE.fullmatch(team):
         raise ValueError("team names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting alphanumeric")
     return team
 

@@ -15,23 +15,26 @@ import orjson
 
 from .config import Settings
 from .errors import KeyNotActive
-from .keys import KeyRecord, KeyStore
+from .keys import MAX_LIFETIME_S, KeyRecord, KeyStore
 from .limits import LIMIT_WINDOWS, Limits
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
 from .usage import UsageLedger, report_format
 
-_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_DURATION = re.compile(r"([0-9]+)([smhdw]?)")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `15m`, `12h`, `30d`, `2w` -> seconds."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m or int(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 15m, 12h, 30d)")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds > MAX_LIFETIME_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {MAX_LIFETIME_S // 86400} days")
+    return seconds
 
 
 async def _with_store(settings: Settings, fn: Callable[[Store, RedisKeys], Awaitable[int]]) -> int:
@@ -61,8 +64,16 @@ def _print_records(records: Sequence[KeyRecord], as_json: bool) -> None:
     now = time.time()
     for r in records:
         status = "revoked" if r.revoked else ("active" if r.active(now) else "expired")
-        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r.ends_at)) if r.ends_at else "-"
+        expires = _when(r.ends_at) if r.ends_at else "-"
         print(f"{r.id:<22} {r.team:<16} {status:<8} {expires:<20} {_limits_text(r.limits):<30} {r.name}")
+
+
+def _when(ts: float) -> str:
+    """A UTC time for a table; a record written before expiries were bounded may hold one no date can show."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.6g} (epoch s)"
 
 
 def _limits_text(limits: Limits) -> str:
@@ -135,7 +146,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             print(orjson.dumps({"key": key, **new.public(), "previous": old.public()}).decode())
         else:
             print(key)
-            until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(old.ends_at or 0))
+            until = _when(old.ends_at or 0)
             print(f"new id {new.id}; the old key {old.id} keeps working until {until}", file=sys.stderr)
         return 0
 
@@ -178,7 +189,7 @@ def cmd_teams(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     async def run(store: Store, rkeys: RedisKeys) -> int:
-        ledger = UsageLedger(store, rkeys)
+        ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days)
         today = datetime.datetime.now(datetime.UTC).date()
         prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
         try:

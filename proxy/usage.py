@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import functools
 import io
+import itertools
 import logging
 import secrets
 import time
@@ -66,6 +67,7 @@ class UsageLedger:
     ) -> None:
         self._store = store
         self._keys = keys
+        self.retention_days = retention_days
         self._retention_s = retention_days * 86400
         self._clock = clock
         self._day: tuple[int, str] = (-1, "")  # (days since the epoch, its UTC date)
@@ -131,14 +133,22 @@ class UsageLedger:
             except StoreUnavailable:
                 log.warning("usage ledger flush failed (redis unreachable or slow); retried at the next flush")
 
+    def check_range(self, since: dt.date, until: dt.date) -> None:
+        """A report covers at most the ledger's retention: older days are gone, and an unbounded range would
+        mean millions of days to read (ValueError beyond)."""
+        if until < since:
+            raise ValueError("until is before since")
+        if (days := (until - since).days + 1) > self.retention_days:
+            raise ValueError(f"the range covers {days} days; a report covers at most {self.retention_days} "
+                             "(the ledger's retention, usage.retention_days)")
+
     async def report(
         self, team: str | None, since: dt.date, until: dt.date, by: GroupBy | None,
         prices: Mapping[str, float],
     ) -> list[dict[str, Any]]:
         """Rows of usage from `since` to `until` (inclusive, UTC days), one per team and `by` group. Money is
         not rounded (the table format rounds for display), so rows add up to their team's total."""
-        if until < since:
-            raise ValueError("until is before since")
+        self.check_range(since, until)
         by = None if by == "team" else by
         days = [(since + dt.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
         if team:
@@ -146,11 +156,10 @@ class UsageLedger:
         else:
             members = await self._store.operator_call("usage-report", lambda r: r.smembers(self._keys.usage_teams()))
             teams = sorted(t.decode() for t in members)
-        slots = [(t, d) for t in teams for d in days]
+        slots = itertools.product(teams, days)  # lazily: teams x days can be large, each chunk awaits Redis
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         tokens: dict[tuple[str, str], dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))
-        for start in range(0, len(slots), REPORT_CHUNK):
-            chunk = slots[start:start + REPORT_CHUNK]
+        while chunk := list(itertools.islice(slots, REPORT_CHUNK)):
             for (t, d), raw in zip(chunk, await self._store.operator_call("usage-report", _reader(self._keys, chunk)),
                                    strict=True):
                 for name, value in raw.items():

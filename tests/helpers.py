@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
+from aiohttp import web
 
 from tests.conftest import UPSTREAM_KEY
 
@@ -62,3 +69,61 @@ def count_store_calls(store: Any) -> list[str]:
 
     store.call = counted
     return calls
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int  # 0: the connection stayed open 5 s without an answer
+    headers: dict[bytes, bytes]  # names lower-cased
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def raw_http(port: int, data: bytes, *, half_close: bool = False) -> RawAnswer | None:
+    """Send `data` as it is on a new connection (`half_close`: then shut our side, mid-body); the answer, or None
+    when the proxy closed without one. For bytes no HTTP client sends (header values that are not UTF-8)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        if half_close:
+            writer.write_eof()
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:  # the proxy answered and closed before reading everything
+        raw = b""
+    except TimeoutError:
+        return RawAnswer(0, {}, b"")
+    finally:
+        writer.close()
+    if raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):  # the interim answer to `Expect: 100-continue`
+        raw = raw[25:]
+    if not raw:
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    return RawAnswer(int(status_line.split(b" ")[1]), headers, body)
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[int]:
+    """`app` on a free port of 127.0.0.1 as `embedding-proxy serve` runs it (TestServer differs: it cancels a handler
+    whose client went away); yields the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition` (polled; a failure after 10 s), for what has no event to await."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached within 10 s"
+        await asyncio.sleep(0.005)

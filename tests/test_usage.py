@@ -136,7 +136,7 @@ async def test_flush_reloads_its_script_after_a_redis_script_flush(redis_server:
 async def test_report_reads_in_bounded_chunks_with_the_operator_time_limit(stores: Any) -> None:
     store = stores(operator_timeout_s=7.0)
     keys = RedisKeys("ep")
-    ledger = UsageLedger(store, keys)
+    ledger = UsageLedger(store, keys, retention_days=REPORT_CHUNK + 1)  # a report covers at most the retention
     calls: list[tuple[str, Any, Any]] = []
     real_call = store.call
 
