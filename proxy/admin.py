@@ -34,7 +34,7 @@ from .keys import KEY_PREFIX, KeyStore, bearer_key
 from .limits import Limits
 from .store import StoreUnavailable
 from .teams import TeamStore
-from .usage import GroupBy, UsageLedger, report_format
+from .usage import REPORT_FLUSH_WAIT_S, GroupBy, UsageLedger, report_format
 
 _LIMIT_NAMES = tuple(Limits().to_dict())
 KEYSTORE = web.AppKey("admin_keystore", KeyStore)
@@ -215,7 +215,7 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidRequest("'format' must be json or csv.", param="format")
     since, until = parse_day(q.get("since"), "since"), parse_day(q.get("until"), "until")
     with contextlib.suppress(StoreUnavailable):
-        await request.app[LEDGER].flush()  # this process's latest usage too
+        await request.app[LEDGER].flush(wait_s=REPORT_FLUSH_WAIT_S)  # this process's latest usage too
     try:
         prices: dict[str, float] = request.app[PRICES]
         rows = await request.app[LEDGER].report(q.get("team") or None, since, until, cast(GroupBy | None, by),
