@@ -230,7 +230,7 @@ class KeyStore:
                                      "issued. Read the key again before rotating it.") from None
             return key, new, old
 
-        return await self._store.operator_call("key-rotate", run)
+        return await self._store.operator_call("key-update", run)  # a rotation updates a key
 
     async def _update(self, key_id: str, fields: dict[str, str]) -> KeyRecord | None:
         """Set `fields` on the key's record and return it; None if there is no such key (its id, or its record,
