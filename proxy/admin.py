@@ -36,7 +36,7 @@ from .limits import Limits, check_team
 from .routing import expect_continue
 from .store import StoreUnavailable
 from .teams import TeamStore
-from .usage import GroupBy, UsageLedger, report_format
+from .usage import REPORT_FLUSH_WAIT_S, GroupBy, UsageLedger, report_format
 
 _LIMIT_NAMES = tuple(Limits().to_dict())
 KEYSTORE = web.AppKey("admin_keystore", KeyStore)
@@ -221,7 +221,7 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidRequest(f"{str(exc)[:1].upper()}{str(exc)[1:]}.", param="until" if until < since else "since"
                              ) from None
     with contextlib.suppress(StoreUnavailable):
-        await ledger.flush()  # this process's latest usage too
+        await ledger.flush(wait_s=REPORT_FLUSH_WAIT_S)  # this process's latest usage too
     prices: dict[str, float] = request.app[PRICES]
     rows = await ledger.report(team, since, until, cast(GroupBy | None, by), prices)
     if fmt == "csv":

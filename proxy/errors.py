@@ -74,6 +74,12 @@ class KeyNotActive(ProxyError):
     code = "key_not_active"
 
 
+class KeyChanged(KeyNotActive):
+    """A rotation lost a race: the key was rotated or revoked between the rotation's read and its write."""
+
+    code = "key_changed"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"

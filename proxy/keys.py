@@ -15,10 +15,13 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import Any
 
-from .errors import AuthenticationFailed, KeyNotActive, PermissionDenied, ServiceUnavailable
+from redis.exceptions import WatchError
+
+from .errors import AuthenticationFailed, KeyChanged, KeyNotActive, PermissionDenied, ServiceUnavailable
 from .limits import UNLIMITED, Limits, check_team
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
@@ -140,6 +143,7 @@ class KeyStore:
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._set_fields = store.client.register_script((resources.files("proxy") / "lua" / "keyset.lua").read_text())
 
     async def create(
         self,
@@ -156,17 +160,20 @@ class KeyStore:
         key_id = new_key_id()
         record = KeyRecord(key_id, team, name, self._clock(), expires_at, False, models, limits,
                            lineage=lineage or key_id)
-        digest = hash_key(key)
 
         async def write(r: Any) -> None:
             pipe = r.pipeline(transaction=True)
-            pipe.hset(self._keys.key_record(digest), mapping=record.to_redis())
-            pipe.set(self._keys.key_id(record.id), digest)
-            pipe.zadd(self._keys.key_index(), {record.id: record.created_at})
+            self._queue_create(pipe, key, record)
             await pipe.execute()
 
         await self._store.operator_call("key-create", write)
         return key, record
+
+    def _queue_create(self, pipe: Any, key: str, record: KeyRecord) -> None:
+        digest = hash_key(key)
+        pipe.hset(self._keys.key_record(digest), mapping=record.to_redis())
+        pipe.set(self._keys.key_id(record.id), digest)
+        pipe.zadd(self._keys.key_index(), {record.id: record.created_at})
 
     async def lookup(self, digest: str) -> KeyRecord | None:
         """The record of the key whose SHA-256 is `digest`."""
@@ -201,33 +208,66 @@ class KeyStore:
     async def rotate(self, key_id: str, grace_s: float) -> tuple[str, KeyRecord, KeyRecord] | None:
         """A new key with the old one's team, name, models, limits, own expiry and quota counters (`lineage`);
         the old key's grace period ends after `grace_s` (or earlier, if it already would). Returns (new key, new
-        record, old record); None if there is no such key. A revoked or expired key cannot be rotated."""
-        old = await self.get(key_id)
-        if old is None:
-            return None
-        now = self._clock()
-        if not old.active(now):
-            raise KeyNotActive(f"Key {key_id} is {'revoked' if old.revoked else 'expired'}: it cannot be rotated. "
-                               "Create a new key instead.", code="key_revoked" if old.revoked else "key_expired")
-        key, new = await self.create(old.team, name=old.name, expires_at=old.expires_at, models=old.models,
-                                     limits=old.limits, lineage=old.quota_id)
-        ends = now + grace_s
-        if old.grace_until is None or ends < old.grace_until:
-            updated = await self._update(key_id, {"grace_until": repr(ends)})
-            old = updated if updated is not None else old
-        return key, new, old
+        record, old record); None if there is no such key. A revoked or expired key cannot be rotated.
+
+        Atomic: the old record is read under WATCH and the new key is written, with the old key's grace end, in
+        one MULTI only if the old record is unchanged since. Of two concurrent rotations (or a rotation and a
+        revocation) one wins; the loser issues no key and raises KeyChanged (409). A key rotated again later,
+        while its grace period runs, gets a second replacement, as before."""
+        key = generate_key()
+
+        async def run(r: Any) -> tuple[str, KeyRecord, KeyRecord] | None:
+            digest = await r.get(self._keys.key_id(key_id))
+            if digest is None:
+                return None
+            record_key = self._keys.key_record(digest.decode())
+            async with r.pipeline(transaction=True) as pipe:
+                await pipe.watch(record_key)
+                raw = await pipe.hgetall(record_key)
+                if not raw:
+                    return None
+                old = KeyRecord.from_redis(raw)
+                now = self._clock()
+                if not old.active(now):
+                    raise KeyNotActive(
+                        f"Key {key_id} is {'revoked' if old.revoked else 'expired'}: it cannot be rotated. Create a "
+                        "new key instead.", code="key_revoked" if old.revoked else "key_expired")
+                new_id = new_key_id()
+                new = KeyRecord(new_id, old.team, old.name, now, old.expires_at, False, old.models, old.limits,
+                                lineage=old.quota_id)
+                grace = now + grace_s if old.grace_until is None else min(now + grace_s, old.grace_until)
+                old = replace(old, grace_until=grace)
+                pipe.multi()
+                self._queue_create(pipe, key, new)
+                # written even when unchanged: the write is what makes a concurrent rotation's WATCH fail
+                pipe.hset(record_key, "grace_until", repr(grace))
+                pipe.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    raise KeyChanged(f"Key {key_id} was rotated or revoked while this rotation ran: no key was "
+                                     "issued. Read the key again before rotating it.") from None
+            return key, new, old
+
+        return await self._store.operator_call("key-update", run)  # a rotation updates a key
 
     async def _update(self, key_id: str, fields: dict[str, str]) -> KeyRecord | None:
+        """Set `fields` on the key's record and return it; None if there is no such key (its id, or its record,
+        is gone: a record is never created here)."""
         async def write(r: Any) -> KeyRecord | None:
             digest = await r.get(self._keys.key_id(key_id))
             if digest is None:
                 return None
             record_key = self._keys.key_record(digest.decode())
-            if fields:
-                await r.hset(record_key, mapping=fields)
-                await r.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy
-            raw = await r.hgetall(record_key)
-            return KeyRecord.from_redis(raw) if raw else None
+            if not fields:
+                raw = await r.hgetall(record_key)
+                return KeyRecord.from_redis(raw) if raw else None
+            args = [x for pair in fields.items() for x in pair]
+            flat = await self._set_fields(keys=[record_key], args=args, client=r)
+            if not flat:
+                return None
+            await r.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy
+            return KeyRecord.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
 
         return await self._store.operator_call("key-update", write)
 

@@ -6,6 +6,8 @@ timeouts into `StoreUnavailable`. After a failure the store is left alone for `r
 Operator work (admin API, CLI, usage reports, ledger flushes) goes through `Store.operator_call`: it may be slow
 without being a sign of trouble, so its failure is its own and never makes the hot path bypass Redis (and it does
 not wait out the hot path's `retry_interval_s` either).
+A connection in the pool that the server closed (Redis restarted) is replaced by a fresh one when it is taken
+from the pool, before anything is sent on it; a command itself is never sent twice (see `connect`).
 `on_error(op)` hears of every call that failed from its caller's view: raised, timed out, refused at once while
 Redis is left alone, or answered with an error reply inside a pipeline run with `raise_on_error=False`.
 """
@@ -19,7 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from .config import RedisSettings
 
@@ -55,6 +60,14 @@ def connect(settings: RedisSettings) -> tuple[Any, bool]:
         socket_connect_timeout=settings.socket_timeout_s,
         max_connections=settings.max_connections,
         decode_responses=False,
+        # A command is never sent twice: after a connection error it may have run (a quota charge would count
+        # twice), so the error goes to Store.call. What makes a Redis restart harmless is the check of each pooled
+        # connection when it is taken from the pool: one the server closed is replaced by a fresh connection
+        # before anything is sent on it. redis-py 8.1 skips that check while maintenance notifications are on,
+        # which RESP3 (its default) turns on: they are for managed clusters' failovers, which a plain Redis
+        # never sends, so they are off.
+        retry=Retry(NoBackoff(), 0),
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return client, False
 

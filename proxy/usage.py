@@ -3,8 +3,10 @@
 Each process adds usage up in memory and writes it every `usage.flush_interval_s` and at shutdown, so the hot path
 does no Redis write for it. A flush is a numbered batch applied by one Lua script per ledger hash
 (`lua/ledger.lua`) that remembers the last batch of each writer, so a flush whose reply was lost (a timeout does not
-mean Redis skipped it) is retried as the same batch and never counts twice. While a batch is unacknowledged, new
-usage waits in memory for the next one. What is recorded is exactly what clients were told in `usage`:
+mean Redis skipped it) is retried as the same batch and never counts twice. A flush sends what was recorded when it
+began, in at most two round trips (a batch left unacknowledged, then one new batch), however much usage arrives
+meanwhile: one batch per process per interval under any traffic. Reports wait for this process's flush at most
+`REPORT_FLUSH_WAIT_S`. What is recorded is exactly what clients were told in `usage`:
 `prompt_tokens` split into tokens sent upstream and tokens served without an upstream call (`cached_tokens`).
 
 Flushes and reports are operator work: they get `redis.operator_timeout_s` and never mark Redis down for the hot
@@ -37,6 +39,8 @@ from .store import Store, StoreUnavailable
 log = logging.getLogger("proxy.usage")
 METRICS = ("requests", "upstream_tokens", "cached_tokens")
 GroupBy = Literal["team", "key", "model", "day"]
+# A report asks this process to flush first, so its latest usage is in; a slower flush is left to finish later.
+REPORT_FLUSH_WAIT_S = 0.5
 REPORT_CHUNK = 500  # ledger hashes read per pipeline: each one round trip bounded by operator_timeout_s
 Slots = dict[tuple[str, str], dict[str, int]]  # (team, day) -> field -> amount
 
@@ -88,19 +92,27 @@ class UsageLedger:
         fields[base + "upstream_tokens"] += upstream_tokens
         fields[base + "cached_tokens"] += prompt_tokens - upstream_tokens
 
-    async def flush(self) -> None:
-        """Write everything recorded so far. On failure (StoreUnavailable) the unacknowledged batch is kept as it
-        is and sent again, under the same number, by the next flush."""
-        async with self._flushing:
-            while True:
-                if self._unacked is None:
-                    if not self._pending:
-                        return
+    async def flush(self, *, wait_s: float | None = None) -> None:
+        """Write what is recorded so far: the unacknowledged batch first (as itself), then one batch of everything
+        pending. Usage recorded meanwhile waits for the next flush, so a flush is at most two round trips however
+        busy the process is. On failure (StoreUnavailable) the unacknowledged batch is kept and sent again, under
+        the same number, by the next flush. `wait_s` bounds the whole flush, the wait for another one included
+        (a report's); giving up raises StoreUnavailable and loses nothing."""
+        try:
+            async with asyncio.timeout(wait_s), self._flushing:
+                if self._unacked is not None:
+                    await self._send(self._unacked)
+                if self._pending:
                     self._seq += 1
                     self._unacked = _Batch(self._seq, self._pending)
                     self._pending = _slots()
-                await self._store.operator_call("usage-flush", functools.partial(self._write, batch=self._unacked))
-                self._unacked = None
+                    await self._send(self._unacked)
+        except TimeoutError:
+            raise StoreUnavailable(f"usage flush took over {wait_s}s") from None
+
+    async def _send(self, batch: _Batch) -> None:
+        await self._store.operator_call("usage-flush", functools.partial(self._write, batch=batch))
+        self._unacked = None
 
     async def _write(self, r: Any, *, batch: _Batch) -> None:
         # One round trip: EVALSHA per ledger hash (its flush marks share its Cluster slot, see rediskeys), then the

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.config import RedisSettings
-from proxy.errors import AuthenticationFailed, KeyNotActive
+from proxy.errors import AuthenticationFailed, KeyChanged, KeyNotActive
 from proxy.keys import Authenticator, KeyRecord, KeyStore, hash_key
 from proxy.limits import Limits
 from proxy.rediskeys import RedisKeys
@@ -113,3 +113,51 @@ def test_record_round_trip_keeps_grace_and_lineage() -> None:
     back = KeyRecord.from_redis({k.encode(): v.encode() for k, v in rec.to_redis().items()})
     assert back == rec and back.ends_at == 3.0 and back.quota_id == "key_1"
     assert not back.active(3.0) and back.active(2.9)
+
+
+async def test_a_key_whose_record_is_gone_is_no_such_key_and_gets_no_partial_record(
+    keys: Any, redis_server: Any
+) -> None:
+    ks, _, _ = keys
+    key, record = await ks.create("search", limits=Limits(rpm=5))
+    raw = redis_server.client()
+    raw.delete(f"ep:key:{hash_key(key)}")  # the id still points at it (a partial delete, a restore gone wrong)
+    assert await ks.revoke(record.id) is None
+    assert await ks.set_limits(record.id, {"rpm": 9}) is None
+    assert await ks.get(record.id) is None
+    assert await ks.rotate(record.id, grace_s=60) is None
+    assert not raw.exists(f"ep:key:{hash_key(key)}")  # nothing half-written
+    assert [r.id for r in await ks.list()] == []
+
+
+class RaceClock(Clock):
+    """A clock whose first reading lets `race` run: the rotation has read the key and not yet written."""
+
+    def __init__(self, now: float, race: Any) -> None:
+        super().__init__(now)
+        self.race = race
+
+    def __call__(self) -> float:
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return self.now
+
+
+@pytest.mark.parametrize("rival", ["rotation", "revocation"])
+async def test_a_rotation_that_loses_a_race_issues_no_key(keys: Any, redis_server: Any, rival: str) -> None:
+    ks, _, _ = keys
+    key, record = await ks.create("search")
+    raw = redis_server.client()
+    field = "grace_until" if rival == "rotation" else "revoked"
+    # what the rival writes to the old record, landing between this rotation's read and its write
+    clock = RaceClock(T0, lambda: raw.hset(f"ep:key:{hash_key(key)}", field, repr(T0 + 60) if field == "grace_until"
+                                           else "1"))
+    racing = KeyStore(ks._store, RedisKeys("ep"), clock=clock)
+    with pytest.raises(KeyChanged) as err:
+        await racing.rotate(record.id, grace_s=3600)
+    assert err.value.status == 409 and err.value.code == "key_changed"
+    assert [r.id for r in await ks.list()] == [record.id]  # no second key
+    got = await ks.get(record.id)
+    assert got is not None and got.grace_until == (T0 + 60 if rival == "rotation" else None)
+

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import struct
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import METRICS, SERVICE
-from proxy.cache import Entry
-from proxy.localcache import LocalCache
+from proxy.cache import Entry, decode_entry
+from proxy.localcache import LocalCache, entry_cost
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import Clock, assert_same_vectors, direct, vectors
 
@@ -25,7 +30,7 @@ def entry(n: int = 1536, tokens: int = 3) -> Entry:
 
 
 def test_lru_by_bytes() -> None:
-    one = len(entry().vector) + 200
+    one = entry_cost("a", entry().vector)
     cache = LocalCache(max_bytes=3 * one, ttl_s=60)
     for k in "abc":
         cache.put(k, entry())
@@ -43,18 +48,78 @@ def test_lru_by_bytes() -> None:
 
 
 def test_rendered_text_counts_in_the_budget() -> None:
-    one = len(entry().vector) + 200
+    one = entry_cost("a", entry().vector)
+    text = 900 + 33  # a bytes object's header
     cache = LocalCache(max_bytes=2 * one + 1000, ttl_s=60)
     cache.put("a", entry())
     cache.put("b", entry())
     cache.keep_rendered("zzz", b"x" * 10)  # not held: nothing kept
     assert cache.bytes == 2 * one and cache.rendered("zzz") is None
     cache.keep_rendered("b", b"x" * 900)
-    assert cache.rendered("b") == b"x" * 900 and cache.bytes == 2 * one + 900
+    assert cache.rendered("b") == b"x" * 900 and cache.bytes == 2 * one + text
     cache.keep_rendered("b", b"y")  # the first text stays
     assert cache.rendered("b") == b"x" * 900
     cache.keep_rendered("a", b"x" * 900)  # over budget: the least recently used entry goes, text and all
-    assert cache.get("a") is None and cache.rendered("b") == b"x" * 900 and cache.bytes == one + 900
+    assert cache.get("a") is None and cache.rendered("b") == b"x" * 900 and cache.bytes == one + text
+
+
+BUDGET = 2 << 20
+
+
+def held_by(fill: Callable[[LocalCache], None]) -> int:
+    """Bytes still allocated once `fill` has filled a tier of BUDGET bytes (the tier kept alive, all else gone)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        cache = LocalCache(BUDGET, ttl_s=600)
+        fill(cache)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.bytes <= BUDGET and len(cache) > 0
+    return held
+
+
+def cache_key(n: int) -> str:
+    return f"ep:emb:s:{n:032x}"  # the shape of a real key: prefix, then a 128-bit hex digest
+
+
+def redis_value(n: int, dims: int) -> bytes:
+    vector = struct.pack("<f", 0.1 + n / 7) * dims  # floats of about 10 digits when rendered
+    return struct.pack("<I", n % 600) + vector  # token counts small and large
+
+
+def fill_tiny(cache: LocalCache) -> None:
+    # a flood of distinct inputs at dimensions = 1, each admitted as get_many decodes it: a view into its value
+    for n in range(60_000):
+        got = decode_entry(redis_value(n, 1), 1)
+        assert got is not None
+        cache.put(cache_key(n), got)
+
+
+def fill_views_into_whole_replies(cache: LocalCache) -> None:
+    # the worst a view can do: a 1-d entry viewing into a 2048-value reply would keep all of it alive
+    for n in range(8_000):
+        reply = redis_value(n, 1) * 2048
+        cache.put(cache_key(n), Entry(memoryview(reply)[8 * 1000 + 4: 8 * 1001], n % 600))
+
+
+def fill_large(cache: LocalCache) -> None:
+    # 1536-d entries with their float JSON text, as hot inputs answered in float keep them
+    for n in range(300):
+        got = decode_entry(redis_value(n, 1536), 1536)
+        assert got is not None
+        cache.put(cache_key(n), got)
+        text = orjson.dumps(np.frombuffer(got.vector, dtype="<f4"), option=orjson.OPT_SERIALIZE_NUMPY)  # as rendered
+        cache.keep_rendered(cache_key(n), text)
+
+
+@pytest.mark.parametrize("fill", [fill_tiny, fill_views_into_whole_replies, fill_large])
+def test_the_budget_bounds_the_memory_held(fill: Callable[[LocalCache], None]) -> None:
+    held = held_by(fill)
+    assert 0.75 * BUDGET <= held <= 1.25 * BUDGET, f"{held / BUDGET:.2f} x the budget"
 
 
 def test_ttl_with_a_pinned_clock() -> None:

@@ -19,6 +19,7 @@ from proxy.rediskeys import RedisKeys
 from proxy.store import Store, StoreUnavailable, connect
 from proxy.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.forwarder import Forwarder
 from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis
@@ -217,3 +218,99 @@ async def test_usage_lands_on_the_utc_day_it_happened(stores: Any) -> None:
     by_day = await ledger.report("search", dt.date(2026, 11, 5), dt.date(2026, 11, 6), "day", {MODEL: 0.02})
     assert [(r["day"], r["requests"], r["total_tokens"]) for r in by_day] == [("2026-11-05", 1, 4),
                                                                               ("2026-11-06", 2, 3)]
+
+
+async def test_a_flush_writes_what_was_pending_when_it_began_however_busy_the_process_is(stores: Any) -> None:
+    # Traffic that records usage during every round trip: a flush that chased it would never end.
+    store = stores()
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
+    writes: list[str] = []
+    real = store.operator_call
+
+    async def busy(op: str, fn: Any) -> Any:
+        writes.append(op)
+        if len(writes) < 50:  # bounded, so a flush that chases new usage ends too (and fails the test)
+            ledger.record("search", "key_a", MODEL, prompt_tokens=1, upstream_tokens=1)
+        return await real(op, fn)
+
+    store.operator_call = busy  # type: ignore[method-assign]
+    ledger.record("search", "key_a", MODEL, prompt_tokens=5, upstream_tokens=5)
+    await ledger.flush()
+    assert writes == ["usage-flush"]  # one batch: the usage recorded during it waits for the next flush
+    rows = await ledger.report("search", dt.date(2026, 11, 5), dt.date(2026, 11, 5), None, {})
+    assert [(r["requests"], r["upstream_tokens"]) for r in rows] == [(1, 5)]
+    writes.clear()
+    await ledger.flush()
+    assert writes == ["usage-flush"]
+    rows = await ledger.report("search", dt.date(2026, 11, 5), dt.date(2026, 11, 5), None, {})
+    assert [(r["requests"], r["upstream_tokens"]) for r in rows] == [(3, 7)]  # + 1 recorded per write, twice
+
+
+async def test_a_report_waits_for_the_flush_only_so_long(redis_server: RedisServer, stores: Any) -> None:
+    store = stores(operator_timeout_s=5.0)
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
+    ledger.record("ads", "key_z", MODEL, prompt_tokens=1, upstream_tokens=1)
+    await ledger.flush()  # connection open, script loaded
+    ledger.record("search", "key_a", MODEL, prompt_tokens=10, upstream_tokens=10)
+    async with busy_redis(redis_server, 1.0):
+        # within operator_timeout_s the flush would succeed once Redis is free; the report does not wait for it
+        with pytest.raises(StoreUnavailable, match=r"usage flush took over 0\.2s"):
+            await ledger.flush(wait_s=0.2)
+    await ledger.flush()  # the batch given up on, resent as itself: applied once
+    raw = redis_server.client()
+    got = {k.decode(): int(v) for k, v in raw.hgetall("ep:usage:search:2026-11-05").items()}
+    assert got == {"key_a|text-embedding-3-small|requests": 1, "key_a|text-embedding-3-small|upstream_tokens": 10}
+
+
+@pytest.fixture
+async def distant_redis(redis_server: RedisServer, redis_url: str) -> AsyncIterator[Forwarder]:
+    """The test Redis 10 ms away each way (request it before make_proxy: the proxy closes first)."""
+    fwd = Forwarder(redis_server.port, delay_s=0.01)
+    await fwd.start()
+    yield fwd
+    await fwd.close()
+
+
+async def test_invariant_ledger_writes_once_per_interval_and_reports_answer_under_traffic(
+    distant_redis: Forwarder, make_proxy: Any, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Redis 20 ms away and steady traffic: the ledger is written about once per flush interval, and
+    GET /admin/usage answers within a second while the traffic goes on."""
+    interval, seconds = 0.5, 3.0
+    fwd = distant_redis
+    config = f"[usage]\nflush_interval_s = {interval}\n[redis]\nsocket_timeout_s = 2.0\n"
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, fwd.url, config, PROXY_ADMIN_KEY=ADMIN))
+    key = await p.new_key("search")
+    stop = asyncio.Event()
+    answered = 0
+
+    async def traffic(worker: int) -> None:
+        nonlocal answered
+        for n in range(100_000):  # bounded; ends when told
+            if stop.is_set():
+                return
+            resp = await p.embed(key, {"model": MODEL, "input": [f"hot {n % 4}", f"w{worker} {n % 50}"]})
+            assert resp.status == 200
+            answered += 1
+
+    started = time.monotonic()
+    load = [asyncio.create_task(traffic(w)) for w in range(16)]
+    try:
+        await asyncio.sleep(seconds / 2)
+        asked = time.monotonic()
+        today = day_of(time.time())
+        report = await asyncio.wait_for(p.client.get(f"/admin/usage?since={today}&until={today}",
+                                                     headers={"Authorization": f"Bearer {ADMIN}"}), 30)
+        waited = time.monotonic() - asked
+        assert report.status == 200 and answered > 0
+        await asyncio.sleep(seconds / 2)
+    finally:
+        stop.set()
+        await asyncio.gather(*load)
+    ran = time.monotonic() - started
+    assert waited < 1.0, f"the report waited {waited:.2f}s for the flush"
+    marks = redis_server.client().hgetall(f"ep:usage-flushes:{{ep:usage:search:{today}}}")
+    assert len(marks) == 1  # one process, one writer
+    batches = int(next(iter(marks.values())))  # its batches are numbered 1, 2, ...: the last is the count
+    assert answered > 10 * batches  # the traffic went on between writes
+    assert 2 <= batches <= ran / interval + 2  # the periodic flushes, plus the report's
