@@ -13,7 +13,8 @@ from importlib import resources
 from aiohttp import web
 
 PATH = "/admin/ui/"
-_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
+          "favicon.svg": "image/svg+xml"}
 _ROUTE_NAMES = frozenset({"console-redirect", "console-index", "console-file"})
 # No inline script or style, nothing from another origin, never framed; the page only talks to its own origin.
 SECURITY_HEADERS = {

@@ -225,16 +225,17 @@
   async function teamsView(root) {
     const since = monthStart();
     const until = today();
-    const [teams, usage] = await Promise.all([
-      api("teams"), api(`usage?since=${since}&until=${until}`),
+    const [teams, usage, keys] = await Promise.all([
+      api("teams"), api(`usage?since=${since}&until=${until}`), api("keys"),
     ]);
     const byTeam = new Map();
-    for (const t of teams.data) byTeam.set(t.team, {team: t.team, limits: t.limits, source: t.source, usage: null});
-    for (const u of usage.data) {
-      const row = byTeam.get(u.team) || {team: u.team, limits: null, source: null, usage: null};
-      row.usage = u;
-      byTeam.set(u.team, row);
-    }
+    const row = (team) => {
+      if (!byTeam.has(team)) byTeam.set(team, {team, limits: null, source: null, usage: null, keys: 0});
+      return byTeam.get(team);
+    };
+    for (const t of teams.data) Object.assign(row(t.team), {limits: t.limits, source: t.source});
+    for (const u of usage.data) row(u.team).usage = u;
+    for (const k of keys.data) if (["active", "rotated"].includes(keyStatus(k).split(":")[0])) row(k.team).keys++;
     const rows = [...byTeam.values()].sort((a, b) => a.team.localeCompare(b.team));
     const limit = (name) => (r) => (r.limits && r.limits[name] !== null ? int(r.limits[name]) : "unlimited");
     const used = (name, fmt) => (r) => (r.usage ? fmt(r.usage[name]) : fmt(0));
@@ -247,6 +248,7 @@
         {label: "Limits from", cell: (r) => (r.source === "runtime" ? "set at run time" : r.source || "none")},
         ...LIMITS.map(([name, label]) => ({label: label.replace("Requests", "Req.").replace("Tokens", "Tok."),
                                             num: true, cell: limit(name)})),
+        {label: "Live keys", num: true, cell: (r) => int(r.keys)},
         {label: "Requests", num: true, cell: used("requests", int)},
         {label: "Upstream tokens", num: true, cell: used("upstream_tokens", int)},
         {label: "Cached tokens", num: true, cell: used("cached_tokens", int)},
@@ -257,7 +259,7 @@
           r.source === "runtime"
             ? h("button", {type: "button", class: "danger-quiet", onclick: () => resetTeam(r.team)}, "Reset")
             : null)},
-      ], rows, "No team has limits or usage yet."));
+      ], rows, "No team has limits, keys or usage yet."));
   }
 
   function resetTeam(team) {
