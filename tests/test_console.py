@@ -9,6 +9,7 @@ CONSOLE_SCREENSHOTS=DIR the screenshot test writes each screen as a PNG into DIR
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -265,12 +266,12 @@ def test_team_limits_are_enforced_and_reset(console: Console) -> None:
     dialog.get_by_label("Requests per minute").fill("1")
     dialog.get_by_role("button", name="Save").click()
     row = team_row(page, "limited")
-    expect(row).to_contain_text("set at run time")
+    expect(row).to_contain_text("run time")
     answers = [embed(console.url, key, [f"limited {i}"]) for i in range(3)]  # a minute may end in between
     refused = [body for status, body in answers if status == 429]
     assert refused and refused[0]["error"]["code"] == "rate_limit_exceeded", answers
 
-    row.get_by_role("button", name="Edit limits").click()
+    row.get_by_role("button", name="Edit").click()
     edit = page.get_by_role("dialog", name="Limits of limited")
     expect(edit.get_by_label("Requests per minute")).to_have_value("1")
     edit.get_by_label("Requests per minute").fill("1000")
@@ -330,6 +331,16 @@ def test_cache_and_upstreams_without_their_endpoints(console: Console) -> None:
     expect(page.get_by_text("Upstream health comes with the upstream fleet")).to_be_visible()
     # the browser reports each 404 as a failed resource; the page itself must not fail
     console.errors[:] = [e for e in console.errors if "status of 404" not in e]
+
+    # once the endpoint exists, whatever it reports is shown, numbers formatted by their names
+    stats = {"object": "cache", "entries": 1234567, "memory_bytes": 3 * 2**30, "hit_ratio": 0.875,
+             "stores": [{"store": "redis", "entries": 1234567, "bytes": 3 * 2**30}]}
+    page.route("**/admin/cache", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                             body=json.dumps(stats)))
+    page.get_by_role("navigation").get_by_role("button", name="Cache").click()
+    expect(page.locator("dl.facts")).to_contain_text("Hit ratio87.5%")
+    expect(page.locator("dl.facts")).to_contain_text("Memory bytes3.0 GiB")
+    expect(page.get_by_role("row").filter(has_text="redis")).to_contain_text("1,234,567")
     page.reload()  # the key is kept for this tab: still signed in
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     page.get_by_role("button", name="Sign out").click()

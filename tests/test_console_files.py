@@ -28,12 +28,13 @@ async def console(make_proxy: ProxyFactory, upstream: Upstream, redis_url: str) 
     ("/admin/ui/index.html", "text/html", b"<script src=\"app.js\" defer></script>"),
     ("/admin/ui/app.js", "text/javascript", b'"use strict";'),
     ("/admin/ui/style.css", "text/css", b":root {"),
+    ("/admin/ui/favicon.svg", "image/svg+xml", b"<svg"),
 ])
 async def test_files_need_no_admin_key_and_carry_the_policy(console: Proxy, target: str, ctype: str,
                                                              marker: bytes) -> None:
     status, headers, body = await raw_get(console.client.port, target)  # type: ignore[arg-type]
     assert status == 200 and marker in body
-    assert headers["content-type"] == f"{ctype}; charset=utf-8"
+    assert headers["content-type"] == (f"{ctype}; charset=utf-8" if ctype.startswith("text/") else ctype)
     assert headers["content-security-policy"] == CSP
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["x-frame-options"] == "DENY"

@@ -13,6 +13,7 @@
     ["tokens_per_day", "Tokens per day"],
     ["tokens_per_month", "Tokens per month"],
   ];
+  const SHORT = {rpm: "RPM", tpm: "TPM", tokens_per_day: "Tokens / day", tokens_per_month: "Tokens / month"};
   const MAX_EXPIRY_DAYS = 3650; // keep in step with the admin API's bound on expires_in_s
   const MAX_GRACE_HOURS = 24 * 3650;
   const DAY_MS = 86400000;
@@ -33,7 +34,7 @@
       else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
       else el.setAttribute(k, v === true ? "" : String(v));
     }
-    for (const c of children.flat()) {
+    for (const c of children.flat(Infinity)) {
       if (c === null || c === undefined || c === false) continue;
       el.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
@@ -69,6 +70,7 @@
     const n = Number(v || 0);
     if (n === 0) return "$0";
     if (n >= 1) return "$" + n.toLocaleString("en-US", {minimumFractionDigits: 2, maximumFractionDigits: 2});
+    if (n >= 0.01) return "$" + n.toFixed(4);
     return "$" + n.toFixed(6).replace(/0+$/, "");
   }
   function compact(n) {
@@ -78,9 +80,9 @@
     if (a >= 1e3) return (n / 1e3).toFixed(a >= 1e4 ? 0 : 1) + "k";
     return String(Math.round(n * 100) / 100);
   }
-  function when(ts) {
+  function when(ts, bare) {
     if (ts === null || ts === undefined) return "—";
-    return new Date(ts * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC";
+    return new Date(ts * 1000).toISOString().slice(0, 16).replace("T", " ") + (bare ? "" : " UTC");
   }
   function bytes(n) {
     const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -208,9 +210,11 @@
     if (!rows.length) return h("p", {class: "empty"}, empty);
     return h("div", {class: "table-wrap"},
       h("table", {},
-        h("thead", {}, h("tr", {}, columns.map((c) => h("th", {scope: "col", class: c.num ? "num" : null}, c.label)))),
+        h("thead", {}, h("tr", {}, columns.map((c) => h("th", {scope: "col", class: c.num ? "num" : null,
+                                                               title: c.title}, c.label)))),
         h("tbody", {}, rows.map((r) => h("tr", {},
-          columns.map((c, i) => h(i === 0 ? "th" : "td", {scope: i === 0 ? "row" : null, class: c.num ? "num" : null},
+          columns.map((c, i) => h(i === 0 ? "th" : "td", {scope: i === 0 ? "row" : null,
+                                                           class: c.num ? "num" : c.wrap ? "wrap" : null},
                                   c.cell(r))))))));
   }
 
@@ -245,17 +249,16 @@
                 "Set team limits")),
       table([
         {label: "Team", cell: (r) => r.team},
-        {label: "Limits from", cell: (r) => (r.source === "runtime" ? "set at run time" : r.source || "none")},
-        ...LIMITS.map(([name, label]) => ({label: label.replace("Requests", "Req.").replace("Tokens", "Tok."),
-                                            num: true, cell: limit(name)})),
-        {label: "Live keys", num: true, cell: (r) => int(r.keys)},
+        {label: "Limits from", cell: (r) => (r.source === "runtime" ? "run time" : r.source || "none")},
+        ...LIMITS.map(([name, label]) => ({label: SHORT[name], title: label, num: true, cell: limit(name)})),
+        {label: "Keys", title: "Keys that work now", num: true, cell: (r) => int(r.keys)},
         {label: "Requests", num: true, cell: used("requests", int)},
         {label: "Upstream tokens", num: true, cell: used("upstream_tokens", int)},
         {label: "Cached tokens", num: true, cell: used("cached_tokens", int)},
         {label: "Cost", num: true, cell: used("upstream_cost_usd", usd)},
         {label: "Saved", num: true, cell: used("saved_usd", usd)},
         {label: "Actions", cell: (r) => h("div", {class: "row-actions"},
-          h("button", {type: "button", onclick: () => limitsDialog({kind: "team", team: r.team, limits: r.limits})}, "Edit limits"),
+          h("button", {type: "button", onclick: () => limitsDialog({kind: "team", team: r.team, limits: r.limits})}, "Edit"),
           r.source === "runtime"
             ? h("button", {type: "button", class: "danger-quiet", onclick: () => resetTeam(r.team)}, "Reset")
             : null)},
@@ -309,10 +312,11 @@
           const st = keyStatus(k);
           return h("span", {class: "badge " + st.split(":")[0]}, st);
         }},
-        {label: "Created", cell: (k) => when(k.created_at)},
-        {label: "Expires", cell: (k) => (k.expires_at ? when(k.expires_at) : "never")},
-        {label: "Models", cell: (k) => (k.models.length ? k.models.join(", ") : "all")},
-        {label: "Limits", cell: (k) => limitsText(k.limits)},
+        {label: "Created (UTC)", cell: (k) => when(k.created_at, true)},
+        {label: "Expires (UTC)", cell: (k) => (k.expires_at ? when(k.expires_at, true) : "never")},
+        {label: "Models", wrap: true, cell: (k) => (k.models.length
+          ? k.models.map((m, i) => [i ? ", " : "", h("span", {class: "nowrap"}, m)]) : "all")},
+        {label: "Limits", wrap: true, cell: (k) => limitsText(k.limits)},
         {label: "Actions", cell: (k) => {
           const live = ["active", "rotated"].includes(keyStatus(k).split(":")[0]);
           return h("div", {class: "row-actions"},
