@@ -1,13 +1,15 @@
 """The web application: `create_app(settings)` wires every part; importing this module does nothing.
 
 Middleware order is the pipeline: observe (in-flight, request metrics, access log: it sees the final answer),
-errors (and request id), then auth for /v1. Health, readiness and metrics sit outside auth.
+errors (and request id), then auth for /v1 and /admin (the console's static files excepted). Health and readiness
+sit outside auth; /metrics asks for `PROXY_METRICS_TOKEN` when it is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import os
@@ -27,7 +29,17 @@ from .admin import check_admin
 from .body import read_body
 from .cache import EmbeddingCache
 from .config import Settings
-from .errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, ServiceUnavailable
+from .console import add_routes as add_console_routes
+from .console import is_console
+from .errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    ServiceUnavailable,
+)
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
@@ -55,6 +67,7 @@ TEAMS = web.AppKey("teams", TeamStore)
 QUOTAS = web.AppKey("quotas", Quotas)
 LEDGER = web.AppKey("ledger", UsageLedger)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+METRICS_TOKEN = web.AppKey("metrics_token", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
@@ -63,6 +76,7 @@ TRACE = web.RequestKey("trace", Trace)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: echoed in a header, so never a newline
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _UNLOGGED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no access line
+SERVER = "embedding-proxy"  # the Server header: no versions (aiohttp's default names Python's and its own)
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -179,7 +193,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
         request[KEY] = await request.app[AUTH].authenticate(bearer_key(request.headers))
-    elif request.path.startswith("/admin/"):
+    elif request.path.startswith("/admin/") and not is_console(request):
         check_admin(request)
     return await handler(request)
 
@@ -251,8 +265,36 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(body, 200 if redis_ok and not problems else 503)
 
 
+def _bearer_matches(header: str | None, token: str) -> bool:
+    """Constant-time; header bytes that are not UTF-8 (aiohttp hands them on as surrogates) are a mismatch."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass"))
+
+
 async def metrics(request: web.Request) -> web.Response:
+    token = request.app[METRICS_TOKEN]
+    if token and not _bearer_matches(request.headers.get("Authorization"), token):
+        # answered here, not raised: the --metrics-port app has no error middleware
+        resp = _error_response(AuthenticationFailed(
+            "The metrics need 'Authorization: Bearer <metrics token>' (PROXY_METRICS_TOKEN).",
+            code="invalid_metrics_token"))
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER
+
+
+def create_metrics_app(m: Metrics, token: str) -> web.Application:
+    """/metrics alone, for `serve --metrics-port` (not exposed with the API)."""
+    app = web.Application()
+    app[METRICS], app[METRICS_TOKEN] = m, token
+    app.on_response_prepare.append(_server_header)
+    app.router.add_get("/metrics", metrics)
+    return app
 
 
 def create_app(
@@ -283,6 +325,8 @@ def create_app(
     if access_log is None:
         access_log = AccessLog(sys.stdout.buffer if settings.server.access_log else None)
     app[ACCESS_LOG] = access_log
+    app[METRICS_TOKEN] = settings.metrics_token
+    app.on_response_prepare.append(_server_header)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if embedded:
@@ -324,5 +368,6 @@ def create_app(
         r.add_get("/metrics", metrics, expect_handler=expect_continue)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
-    add_unknown_route(app)
+    add_console_routes(app)
+    add_unknown_route(app)  # last: the catch-all for every other path
     return app

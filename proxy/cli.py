@@ -35,8 +35,13 @@ async def _serve(
     settings: Settings, host: str, port: int, demo: bool, *, metrics_port: int | None = None,
     reuse_port: bool = False, on_ready: Callable[[], None] | None = None,
 ) -> int:
-    from .app import KEYSTORE, METRICS, STORE, create_app, metrics
+    from aiohttp import web_response
 
+    from .app import KEYSTORE, METRICS, SERVER, STORE, create_app, create_metrics_app
+
+    # Every app's responses get SERVER from a response signal; this also covers the answers aiohttp's HTTP parser
+    # gives to malformed requests before any app sees them (its default names the Python and aiohttp versions).
+    web_response.SERVER_SOFTWARE = SERVER  # type: ignore[attr-defined]
     runners: list[web.AppRunner] = []
     if demo:
         from .mock_upstream import MockSettings, serve_mock
@@ -54,9 +59,7 @@ async def _serve(
     runners.insert(0, runner)
     metrics_runner: web.AppRunner | None = None
     if metrics_port is not None:  # /metrics on its own port (not exposed with the API)
-        metrics_app = web.Application()
-        metrics_app[METRICS] = app[METRICS]
-        metrics_app.router.add_get("/metrics", metrics)
+        metrics_app = create_metrics_app(app[METRICS], settings.metrics_token)
         metrics_runner = web.AppRunner(metrics_app, access_log=None)
         await metrics_runner.setup()
         runners.append(metrics_runner)
@@ -108,6 +111,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if isinstance(workers, str):
         print(f"error: {workers}", file=sys.stderr)
         return 2
+    if not settings.metrics_token and args.metrics_port is None:
+        log.warning("/metrics is served on the API port without PROXY_METRICS_TOKEN: every API client can read "
+                    "every team's usage, costs and key ids (set PROXY_METRICS_TOKEN, or serve it with "
+                    "--metrics-port on a port clients cannot reach)")
     if workers == 1:
         return run_server(settings, host, port, demo=args.demo, metrics_port=args.metrics_port)
     return supervise(WorkerArgs(args.config, args.log_level, host, port, args.metrics_port), workers)

@@ -2,7 +2,7 @@
 
 Unknown keys are refused and every error names the file and the key. Defaults sit next to the fields. Secrets come
 only from the environment: `UPSTREAM_API_KEY` (or the variable an upstream's `api_key_env` names),
-`PROXY_ADMIN_KEY`, `PROXY_CACHE_SECRET`.
+`PROXY_ADMIN_KEY`, `PROXY_CACHE_SECRET`, `PROXY_METRICS_TOKEN`.
 """
 
 from __future__ import annotations
@@ -167,6 +167,8 @@ class Settings:
     upstream_api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     admin_key: str = field(default="", repr=False)
     cache_secret: str = field(default="", repr=False)
+    # /metrics answers only `Authorization: Bearer <this>` when set; unset, anyone who reaches the port reads it.
+    metrics_token: str = field(default="", repr=False)
     source: str = "<defaults>"
 
     def upstream_for(self, model: str) -> UpstreamSettings:
@@ -263,6 +265,7 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         ),
         admin_key=env.get("PROXY_ADMIN_KEY", ""),
         cache_secret=env.get("PROXY_CACHE_SECRET", ""),
+        metrics_token=env.get("PROXY_METRICS_TOKEN", ""),
         source=source,
     )
 

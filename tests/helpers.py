@@ -127,3 +127,19 @@ async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached within 10 s"
         await asyncio.sleep(0.005)
+
+
+async def raw_get(port: int, target: str, header_lines: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """A GET sent byte for byte (clients normalize paths like `/a/../b` and refuse bytes that are not UTF-8)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET " + target.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                 + header_lines + b"\r\n")
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body

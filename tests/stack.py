@@ -101,7 +101,7 @@ def start_mock(workdir: Path) -> tuple[Server, str]:
 
 
 def start_proxy(workdir: Path, mock_url: str, redis_url: str, config: str, *, workers: int,
-                metrics_port: int | None = None) -> tuple[Server, str]:
+                metrics_port: int | None = None, env: Mapping[str, str] | None = None) -> tuple[Server, str]:
     port = free_port()
     d = Path(tempfile.mkdtemp(prefix="proxy-", dir=workdir))
     (d / "proxy.toml").write_text(config)
@@ -109,9 +109,8 @@ def start_proxy(workdir: Path, mock_url: str, redis_url: str, config: str, *, wo
             "--workers", str(workers)]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
-    env = base_env(REDIS_URL=redis_url, UPSTREAM_BASE_URL=mock_url + "/v1", UPSTREAM_API_KEY=UPSTREAM_KEY,
-                   TMPDIR=str(d))
-    server = Server(args, env, d)
+    server = Server(args, base_env(REDIS_URL=redis_url, UPSTREAM_BASE_URL=mock_url + "/v1",
+                                   UPSTREAM_API_KEY=UPSTREAM_KEY, TMPDIR=str(d), **(env or {})), d)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while "listening on" not in server.stdout():  # printed once every worker listens

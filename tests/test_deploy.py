@@ -36,6 +36,14 @@ def test_scrape_target_is_the_proxys_metrics_port() -> None:
     assert f'"--metrics-port", "{METRICS_PORT}"' in (DEPLOY / "Dockerfile").read_text()
 
 
+def test_scrape_config_sends_the_metrics_token_compose_sets() -> None:
+    [job] = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "metrics-token"}
+    token = (SCRAPE_CONFIG.parent / "metrics-token").read_text().strip()
+    env = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["proxy"]["environment"]
+    assert token and env["PROXY_METRICS_TOKEN"] == token
+
+
 def test_compose_wires_every_service() -> None:
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     assert {"proxy", "redis", "prometheus", "grafana", "mock-upstream"} <= set(services)
@@ -61,7 +69,8 @@ def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:
     assert {p["targetPort"] for p in kube["Service"]["spec"]["ports"]} <= set(ports)
     assert kube["Service"]["spec"]["selector"] == kube["Deployment"]["spec"]["selector"]["matchLabels"]
     secret = kube["Secret"]["stringData"]
-    assert {"UPSTREAM_API_KEY", "REDIS_URL", "PROXY_ADMIN_KEY", "PROXY_CACHE_SECRET"} <= set(secret)
+    assert {"UPSTREAM_API_KEY", "REDIS_URL", "PROXY_ADMIN_KEY", "PROXY_CACHE_SECRET",
+            "PROXY_METRICS_TOKEN"} <= set(secret)
     assert all("REPLACE" in v for v in secret.values())  # placeholders only
     # the ConfigMap's config and the image's config are valid proxy configs
     config = tmp_path / "proxy.toml"

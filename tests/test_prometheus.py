@@ -40,6 +40,8 @@ BUSY_PANELS = {
     "Quota rejections in range", "Tokens per second by team and source", "Requests per second by team",
     "Tokens per team and key in range", "Cache share of tokens by team", "Tokens saved by the cache per team",
 }
+# Prometheus sends it from the scrape config's credentials_file, as deployed.
+METRICS_TOKEN = "prometheus-test-metrics-token"
 # The concrete team picked in the `team` variable for the second run of the per-team panels.
 TEAM, QUOTA_TEAM = "search", "quota-team"
 
@@ -132,11 +134,13 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -
         mock, mock_url = start_mock(workdir)
         servers.append(mock)
         metrics_port = free_port()
-        proxy, url = start_proxy(workdir, mock_url, redis_server.url, CONFIG, workers=1, metrics_port=metrics_port)
+        proxy, url = start_proxy(workdir, mock_url, redis_server.url, CONFIG, workers=1, metrics_port=metrics_port,
+                                 env={"PROXY_METRICS_TOKEN": METRICS_TOKEN})
         servers.append(proxy)
 
         config = workdir / "prometheus.yml"
         config.write_text(_scrape_config(metrics_port))
+        (workdir / "metrics-token").write_text(METRICS_TOKEN + "\n")  # beside the config, as in deploy/prometheus
         shutil.copy(ALERTS, workdir / ALERTS.name)
         port = free_port()
         (workdir / "prom").mkdir()
@@ -169,7 +173,7 @@ def test_promtool_accepts_config_rules_and_metrics(stack: Stack) -> None:
     _promtool("check", "config", str(SCRAPE_CONFIG))
     _promtool("check", "config", str(stack.config))
     _promtool("check", "rules", str(ALERTS))
-    status, text = http("GET", stack.metrics_url)
+    status, text = http("GET", stack.metrics_url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert status == 200
     _promtool("check", "metrics", stdin=text)
 
@@ -181,6 +185,7 @@ def test_alerts_fire_on_synthetic_series() -> None:
 
 def test_metrics_are_on_their_own_port(stack: Stack) -> None:
     assert http("GET", stack.api_url + "/metrics")[0] == 404
+    assert http("GET", stack.metrics_url)[0] == 401  # Prometheus (up, below) sent the token
     _, body = http("GET", stack.prometheus + "/api/v1/targets")
     targets = body["data"]["activeTargets"]
     assert [t["labels"]["job"] for t in targets] == ["embedding-proxy"] and targets[0]["health"] == "up"
