@@ -66,6 +66,9 @@ class MockState:
     def reset(self) -> None:
         self.requests = 0
         self.inputs = 0
+        # What it billed: the usage of every well-formed 200 answer it sent, in all and per request `user`.
+        self.billed_tokens = 0
+        self.billed: collections.Counter[str] = collections.Counter()
         self.last_authorization: str | None = None
         self.bodies: list[dict[str, Any]] = []
         self.pending: collections.deque[tuple[str, int, float | None]] = collections.deque()  # mode, status, wait
@@ -242,6 +245,9 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         data.reverse()
     tokens = sum(map(len, ids)) + settings.token_skew * len(ids)
     doc = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    if mode is None:
+        state.billed_tokens += tokens
+        state.billed[body.get("user") or ""] += tokens
     return web.Response(body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), content_type=_JSON)
 
 
@@ -256,7 +262,8 @@ async def _stats(request: web.Request) -> web.StreamResponse:  # GET /_mock/stat
     state = request.app[MOCK_STATE]
     if request.method == "POST":
         state.reset()
-    return _json({"requests": state.requests, "inputs": state.inputs})
+    return _json({"requests": state.requests, "inputs": state.inputs, "billed_tokens": state.billed_tokens,
+                  "billed": state.billed})
 
 
 async def _fail(request: web.Request) -> web.StreamResponse:
