@@ -22,9 +22,9 @@ from .cache import EmbeddingCache, Entry, ReadFailed
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
+from .keys import KeyRecord
 from .localcache import LocalCache
 from .metrics import Metrics
-from .keys import KeyRecord
 from .quota import REPLY_LOST, Ticket
 from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
