@@ -2,6 +2,8 @@
 
 A vector depends only on the model and the input's cl100k_base token ids, so a string and its ids embed alike.
 Failures queued with `MockState.fail_next` (or `POST /_mock/fail`) are consumed one per embeddings request.
+What it billed (the usage of each answer sent with 200 and no injected failure) is counted in all and per request
+`user` (`MockState.billed`, `GET /_mock/stats`), for tests that compare it with the proxy's ledger.
 """
 
 from __future__ import annotations

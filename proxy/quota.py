@@ -151,7 +151,7 @@ class Ticket:
         if reply[0] == 0 and give_back:
             await self.release_request()
             await self._correct_tokens(-self.tokens)
-        self._apply(reply, 0, tokens)
+        self._apply(reply, 0, tokens, released=give_back)
         self._hold(where, 0, tokens)
 
     async def release_request(self) -> None:
@@ -193,12 +193,12 @@ class Ticket:
                 delta += take
                 await self._quotas.adjust(where, keys, -take)
 
-    def _apply(self, reply: Any, requests: int, tokens: int) -> None:
+    def _apply(self, reply: Any, requests: int, tokens: int, released: bool = True) -> None:
         if reply[0] == 0:
             c = self.counters[int(reply[1]) - 1]
-            # Every counter as it stands; refused for tokens, the request slot has just been given back.
-            values = [int(v) - (not requests and k.metric == "req") for k, v in zip(self.counters, reply[3:],
-                                                                                    strict=True)]
+            # Every counter as it stands; refused for tokens, the request slot has (usually) just been given back.
+            values = [int(v) - (released and not requests and k.metric == "req")
+                      for k, v in zip(self.counters, reply[3:], strict=True)]
             self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now,
                                 self.counters, values)
         self.values = [int(v) for v in reply[1:]]

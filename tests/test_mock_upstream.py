@@ -543,4 +543,5 @@ def test_run_prints_its_address_and_serves() -> None:
                 reply += chunk
         proc.terminate()
         assert proc.wait(timeout=10) == 0
-    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"requests":0,"inputs":0}')
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{}}')
