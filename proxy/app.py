@@ -206,8 +206,7 @@ async def embeddings(request: web.Request) -> web.Response:
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
     request[TRACE] = trace = Trace()
-    outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key), trace)
-    app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
+    outcome = await app[SERVICE].embed(req, key, await app[QUOTAS].ticket(key), trace)  # records it in the ledger
     app[METRICS].observe_embedding(
         key.team, key.id, req.model, inputs=trace.inputs, upstream_inputs=trace.upstream_inputs,
         prompt_tokens=outcome.prompt_tokens, billed_tokens=outcome.billed_tokens,
@@ -299,10 +298,11 @@ def create_metrics_app(m: Metrics, token: str) -> web.Application:
 
 def create_app(
     settings: Settings, *, metrics_registry: Metrics | None = None, metrics_route: bool = True,
-    access_log: AccessLog | None = None,
+    access_log: AccessLog | None = None, clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The proxy; `metrics_route=False` leaves /metrics off this app (served on its own port instead);
-    `access_log` defaults to stdout (or nothing, with `server.access_log = false`)."""
+    `access_log` defaults to stdout (or nothing, with `server.access_log = false`); `clock` (Unix time) places
+    requests in quota windows and ledger days."""
     app = web.Application(
         middlewares=[observe_middleware, error_middleware, auth_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -315,13 +315,14 @@ def create_app(
     upstream = UpstreamClient(settings, on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
     cache = EmbeddingCache(store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret)
     tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
-    service = EmbeddingService(settings, cache, upstream, m, tokenizers)
+    ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
+    service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
     app[UPSTREAM], app[SERVICE] = upstream, service
     app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
-    app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m)
-    app[LEDGER] = ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days)
+    app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m, clock=clock)
+    app[LEDGER] = ledger
     if access_log is None:
         access_log = AccessLog(sys.stdout.buffer if settings.server.access_log else None)
     app[ACCESS_LOG] = access_log

@@ -26,6 +26,17 @@ class Entry:
     tokens: int
 
 
+class ReadFailed(StoreUnavailable):
+    """A cache read failed. `extra`: the replies of what `also` queued in its pipeline, when Redis answered them
+    (only the MGET failed); `sent`: no reply came back after the pipeline was sent (a timeout), so what `also`
+    queued may have run in Redis."""
+
+    def __init__(self, message: str, extra: list[Any] | None = None, sent: bool = False) -> None:
+        super().__init__(message)
+        self.extra = extra or []
+        self.sent = sent
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     keys: Sequence[str]
@@ -84,7 +95,7 @@ class EmbeddingCache:
         self._reads.append(_Read(keys, also, future))
         values, *extra = await future
         if isinstance(values, Exception):
-            raise StoreUnavailable(f"redis mget failed: {values}")
+            raise ReadFailed(f"redis mget failed: {values}", extra)
         size, unpack, at = _HEADER.size + 4 * dims, _HEADER.unpack_from, _HEADER.size
         # Inlined decode_entry: this runs once per input of every request (2048 for a full batch).
         entries = [Entry(memoryview(v)[at:], unpack(v)[0]) if v is not None and len(v) == size else None
@@ -114,18 +125,19 @@ class EmbeddingCache:
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
 
-        failure = "no reply"
+        failure, sent = "no reply", True
         try:
             replies = await self._store.call("mget", run)
             for read, (start, end) in zip(reads, spans, strict=True):
                 if not read.future.done():
                     read.future.set_result(replies[start:end])
         except StoreUnavailable as exc:
-            failure = str(exc)
+            # Refused at once (Redis left alone) or a connection error: nothing ran. A timeout: it may have.
+            failure, sent = str(exc), isinstance(exc.__cause__, TimeoutError)
         finally:  # whatever happened (a failure, cancellation at shutdown), nobody waits forever
             for read in reads:
                 if not read.future.done():
-                    read.future.set_exception(StoreUnavailable(f"redis mget failed: {failure}"))
+                    read.future.set_exception(ReadFailed(f"redis mget failed: {failure}", sent=sent))
 
     async def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
         async def write(r: object) -> None:
@@ -138,4 +150,4 @@ class EmbeddingCache:
         await self._store.call("set", write)
 
 
-__all__ = ["EmbeddingCache", "Entry", "StoreUnavailable", "decode_entry", "encode_entry"]
+__all__ = ["EmbeddingCache", "Entry", "ReadFailed", "StoreUnavailable", "decode_entry", "encode_entry"]

@@ -136,8 +136,9 @@ class KeySettings:
 class QuotaSettings:
     # "billable": quotas count the tokens sent upstream (cache hits are free); "all": every prompt token.
     count: Literal["billable", "all"] = "billable"
-    # Redis unreachable: "open" admits requests against the same limits kept in this process alone (so N
-    # instances may admit up to N times a limit during the outage); "closed" refuses them with 503.
+    # Redis unreachable: "open" admits requests against the same limits kept in this process alone, each counter
+    # starting from the last value this process saw in Redis (a window that holds an outage may admit up to
+    # (N + 1) times a limit with N processes, see README); "closed" refuses them with 503.
     on_redis_down: Literal["open", "closed"] = "open"
     # Team limits changed at run time (CLI, admin API) reach every instance within this many seconds.
     team_cache_s: float = 1.0

@@ -228,6 +228,10 @@ class Metrics:
             add(self.tokens, team, key_id, model, "upstream", amount=billed_tokens)
             add(self.upstream_cost_usd, team, model, amount=billed_tokens * price_per_million_tokens / 1e6)
 
+    def observe_unanswered(self, team: str, model: str, billed_tokens: int, price_per_million_tokens: float) -> None:
+        """What the upstream billed for a request that was not answered 200 (served nothing, cost money)."""
+        self.add(self.upstream_cost_usd, team, model, amount=billed_tokens * price_per_million_tokens / 1e6)
+
     def observe_upstream_error(self, model: str, exc: ProxyError | None) -> None:
         self.upstream_requests.labels(model, "error").inc()
         self.upstream_errors.labels(model, upstream_error_kind(exc)).inc()

@@ -3,6 +3,8 @@
 A vector depends only on the model and the input's cl100k_base token ids, so a string and its ids embed alike.
 Failures queued with `MockState.fail_next` (or `POST /_mock/fail`) are consumed one per embeddings request; their
 kinds are in mock_faults.py.
+What it billed (the usage of each answer sent with 200 and no injected failure) is counted in all and per request
+`user` (`MockState.billed`, `GET /_mock/stats`), for tests that compare it with the proxy's ledger.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class MockState:
     def reset(self) -> None:
         self.requests = 0
         self.inputs = 0
+        # What it billed: the usage of every well-formed 200 answer it sent, in all and per request `user`.
+        self.billed_tokens = 0
+        self.billed: collections.Counter[str] = collections.Counter()
         self.last_authorization: str | None = None
         self.bodies: list[dict[str, Any]] = []
         self.pending: collections.deque[Failure] = collections.deque()
@@ -252,10 +257,13 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         malform(mode, doc, vectors)
     if settings.shuffle:
         data.reverse()
-    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if mode is None:
+        state.billed_tokens += tokens
+        state.billed[body.get("user") or ""] += tokens
+    payload = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if mode == "huge_body":
-        return await _huge_body(request, body)
-    return web.Response(body=body, content_type=_JSON)
+        return await _huge_body(request, payload)
+    return web.Response(body=payload, content_type=_JSON)
 
 
 async def _huge_body(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -286,7 +294,8 @@ async def _stats(request: web.Request) -> web.StreamResponse:  # GET /_mock/stat
     state = request.app[MOCK_STATE]
     if request.method == "POST":
         state.reset()
-    return _json({"requests": state.requests, "inputs": state.inputs})
+    return _json({"requests": state.requests, "inputs": state.inputs, "billed_tokens": state.billed_tokens,
+                  "billed": state.billed})
 
 
 async def _fail(request: web.Request) -> web.StreamResponse:

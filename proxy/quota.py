@@ -8,7 +8,8 @@ tokens back (`lua/adjust.lua`). Failed requests keep their place in the request 
 
 Windows are UTC: a minute starts at :00, a day at 00:00, a month on the 1st. The clock is injected.
 When Redis is unreachable, `quotas.on_redis_down` decides: "open" runs the same scripts on an in-process store
-(each process then enforces the limits alone), "closed" refuses with 503.
+(each process then enforces the limits alone, each counter starting from the last value this process saw in Redis
+for its window), "closed" refuses with 503. A ticket corrects only the store it charged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from .store import Store, StoreUnavailable, in_process_redis
 from .teams import TeamStore
 
 log = logging.getLogger("proxy.quota")
+Where = Literal["redis", "local"]  # the store a charge went to: Redis, or the in-process fallback
+REPLY_LOST = object()  # a charge sent in a pipeline whose reply was lost (see Ticket.charge_request)
+_SEEN_MAX = 100_000  # counters whose last Redis value is remembered (each ~200 bytes)
 _LIMIT_TEXT = {
     "rpm": "requests per minute",
     "tpm": "tokens per minute",
@@ -82,6 +86,10 @@ class Ticket:
        nothing to do for a full hit when only billable tokens count. If they do not fit, the request slot and
        any earlier reservation are given back too.
     Afterwards `settle` corrects the tokens to the upstream's count, and `refund` gives them back on failure.
+
+    A ticket remembers in which store (Redis, or the in-process fallback while Redis was down) it holds what:
+    its corrections go where its charges went, never elsewhere. A correction due in Redis while Redis is
+    unreachable is dropped (logged): applied to the in-process store it would free room that is not there.
     """
 
     def __init__(self, quotas: Quotas, key: KeyRecord, counters: list[Counter], now: float, counts_all: bool) -> None:
@@ -93,6 +101,8 @@ class Ticket:
         self.values = [0] * len(counters)  # each counter's value after this request
         self.tokens = 0  # tokens reserved
         self.headers: dict[str, str] = {}
+        self._held: dict[Where, list[int]] = {}  # store -> [request slots, tokens] this ticket holds there
+        self._last: Where = "redis"  # where its latest charge went: a correction upward goes there too
 
     def _args(self, requests: int, tokens: int) -> list[Any]:
         args: list[Any] = []
@@ -100,57 +110,95 @@ class Ticket:
             args += [c.limit, requests if c.metric == "req" else tokens, int(c.resets_at) + 60]
         return args
 
+    def _keys(self, metric: str | None = None) -> list[str]:
+        return [c.key for c in self.counters if metric is None or c.metric == metric]
+
+    def _hold(self, where: Where, requests: int, tokens: int) -> None:
+        held = self._held.setdefault(where, [0, 0])
+        held[0] += requests
+        held[1] += tokens
+        self.tokens += tokens
+        self._last = where
+
     def queue(self, pipe: Any) -> None:
         """Queue step 1 in a pipeline (its reply goes to `charge_request`)."""
-        keys = [c.key for c in self.counters]
+        keys = self._keys()
         pipe.evalsha(self._quotas.charge_sha, len(keys), *keys, *self._args(1, 0))
 
     async def charge_request(self, reply: Any = None) -> None:
-        """Step 1: `reply` from the queued script, or None (or an error such as NOSCRIPT) to run it now."""
+        """Step 1: `reply` from the queued script, or None (or an error such as NOSCRIPT) to run it now, or
+        REPLY_LOST: the pipeline was sent but its answer lost (a timeout). The script then most likely ran in
+        Redis; it is not run a second time, here or in the in-process store, and the slot counts as held in Redis
+        (should it not have run, this one request goes uncounted)."""
+        if reply is REPLY_LOST:
+            self._hold("redis", 1, 0)
+            return
+        where: Where = "redis"
         if reply is None or isinstance(reply, Exception):
-            reply = await self._quotas.charge([c.key for c in self.counters], self._args(1, 0))
+            reply, where = await self._quotas.charge(self._keys(), self._args(1, 0))
+        else:
+            self._quotas.remember(self._keys(), self._args(1, 0), reply)
         self._apply(reply, 1, 0)
+        self._hold(where, 1, 0)
 
-    async def charge_tokens(self, tokens: int) -> None:
-        """Step 2: reserve `tokens` more (the caller reserves in as many steps as it needs). If they do not fit,
-        everything this ticket holds is given back (the request slot and earlier reservations) and it raises 429."""
+    async def charge_tokens(self, tokens: int, *, give_back: bool = True) -> None:
+        """Step 2: reserve `tokens` more (the caller reserves in as many steps as it needs). If they do not fit, it
+        raises 429; with `give_back` everything this ticket holds is given back first (the request slot and
+        earlier reservations), else the caller settles what it holds (some of it was billed already)."""
         if tokens <= 0:
             return
-        keys = [c.key for c in self.counters]
-        reply = await self._quotas.charge(keys, self._args(0, tokens))
-        if reply[0] == 0:
+        reply, where = await self._quotas.charge(self._keys(), self._args(0, tokens))
+        if reply[0] == 0 and give_back:
             await self.release_request()
-            if self.tokens:
-                await self._quotas.adjust([c.key for c in self.counters if c.metric == "tok"], -self.tokens)
-                self.tokens = 0
-        self._apply(reply, 0, tokens)
-        self.tokens += tokens
+            await self._correct_tokens(-self.tokens)
+        self._apply(reply, 0, tokens, released=give_back)
+        self._hold(where, 0, tokens)
 
     async def release_request(self) -> None:
         """Give the request slot back (refused for tokens, or invalid after step 1)."""
-        await self._quotas.adjust([c.key for c in self.counters if c.metric == "req"], -1)
+        for where, held in self._held.items():
+            if held[0]:
+                held[0] -= 1
+                await self._quotas.adjust(where, self._keys("req"), -1)
+                return
 
     async def settle(self, tokens: int) -> None:
         """Correct the reservation to the tokens the request really consumed (the upstream's count)."""
         delta = tokens - self.tokens
         if delta:
-            await self._quotas.adjust([c.key for c in self.counters if c.metric == "tok"], delta)
-            self.tokens = tokens
+            await self._correct_tokens(delta)
             self.values = [v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
                                                                                   strict=True)]
             self.headers = rate_headers(self.counters, self.values, self.now)
             self._quotas.observe(self.key, self.counters, self.values)
 
     async def refund(self) -> None:
-        """The request failed: give its tokens back (it keeps its request slot: it was made)."""
+        """The request failed and none of its tokens were billed: give them all back (it keeps its request slot:
+        it was made)."""
         await self.settle(0)
 
-    def _apply(self, reply: Any, requests: int, tokens: int) -> None:
+    async def _correct_tokens(self, delta: int) -> None:
+        """Add `delta` tokens where this ticket's charges went: more to the latest store, less taken from each
+        store in turn as far as it holds them."""
+        keys = self._keys("tok")
+        if delta > 0:
+            self._hold(self._last, 0, delta)
+            await self._quotas.adjust(self._last, keys, delta)
+            return
+        for where, held in self._held.items():
+            take = min(held[1], -delta)
+            if take:
+                held[1] -= take
+                self.tokens -= take
+                delta += take
+                await self._quotas.adjust(where, keys, -take)
+
+    def _apply(self, reply: Any, requests: int, tokens: int, released: bool = True) -> None:
         if reply[0] == 0:
             c = self.counters[int(reply[1]) - 1]
-            # Every counter as it stands; refused for tokens, the request slot has just been given back.
-            values = [int(v) - (not requests and k.metric == "req") for k, v in zip(self.counters, reply[3:],
-                                                                                    strict=True)]
+            # Every counter as it stands; refused for tokens, the request slot has (usually) just been given back.
+            values = [int(v) - (released and not requests and k.metric == "req")
+                      for k, v in zip(self.counters, reply[3:], strict=True)]
             self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now,
                                 self.counters, values)
         self.values = [int(v) for v in reply[1:]]
@@ -190,7 +238,9 @@ class Quotas:
         lua = resources.files("proxy") / "lua"
         self._charge = store.client.register_script((lua / "charge.lua").read_text())
         self._adjust = store.client.register_script((lua / "adjust.lua").read_text())
+        self._seed_script = store.client.register_script((lua / "seed.lua").read_text())
         self._local: Any = None  # the in-process fallback store, made on first use
+        self._seen: dict[str, tuple[int, int]] = {}  # counter key -> (last value seen in Redis, when it expires)
 
     def counters(self, key: KeyRecord, team_limits: Limits, now: float) -> list[Counter]:
         out = []
@@ -216,28 +266,71 @@ class Quotas:
         counters = self.counters(key, team_limits, now)
         return Ticket(self, key, counters, now, self._settings.count == "all")
 
-    async def charge(self, keys: list[str], args: list[Any]) -> Any:
-        return await self._run(self._charge, keys, args)
-
-    async def adjust(self, keys: list[str], delta: int) -> None:
-        if keys:
-            try:
-                await self._run(self._adjust, keys, [delta] * len(keys))
-            except ProxyError:  # closed mode with Redis down: the reservation is already lost with it
-                log.warning("quota correction of %d not applied: redis unreachable", delta)
-
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def charge(self, keys: list[str], args: list[Any]) -> tuple[Any, Where]:
+        """Run the charge script; returns its reply and the store that ran it."""
         try:
-            return await self._store.call("quota", lambda r: script(keys=keys, args=args, client=r))
+            reply = await self._store.call("quota", lambda r: self._charge(keys=keys, args=args, client=r))
         except StoreUnavailable:
             if self._settings.on_redis_down == "closed":
                 raise ServiceUnavailable(
                     "Quotas cannot be checked right now (the quota store is unreachable). Please retry."
                 ) from None
+            local = self._local_store()
+            await self._seed(local, keys)
+            return await self._charge(keys=keys, args=args, client=local), "local"
+        self.remember(keys, args, reply)
+        return reply, "redis"
+
+    async def adjust(self, where: Where, keys: list[str], delta: int) -> None:
+        """Add `delta` to `keys` in the store `where` the charges being corrected went. Redis unreachable: the
+        correction is dropped and logged, never applied to the in-process store (it holds other charges)."""
+        if not keys:
+            return
+        args = [delta] * len(keys)
+        if where == "local":
+            await self._adjust(keys=keys, args=args, client=self._local_store())
+            return
+        try:
+            await self._store.call("quota", lambda r: self._adjust(keys=keys, args=args, client=r))
+        except StoreUnavailable:
+            log.warning("quota correction of %d dropped: it is due in redis, which is unreachable", delta)
+            return
+        for k in keys:
+            if (seen := self._seen.get(k)) is not None:
+                self._seen[k] = (max(0, seen[0] + delta), seen[1])
+
+    def remember(self, keys: list[str], args: list[Any], reply: Any) -> None:
+        """Note the counters' values in a charge script's reply from Redis (and when each expires), to seed the
+        in-process store with them should Redis become unreachable within the same windows."""
+        values = reply[1:] if reply[0] == 1 else reply[3:]
+        seen = self._seen
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            seen[k] = (int(v), int(args[3 * i + 2]))
+        if len(seen) > _SEEN_MAX:
+            now = self._clock()
+            for k in [k for k, (_, expires) in seen.items() if expires <= now]:
+                del seen[k]
+            if len(seen) > _SEEN_MAX:  # all current: forget the oldest noted
+                for k in list(seen)[: len(seen) - _SEEN_MAX]:
+                    del seen[k]
+
+    def _local_store(self) -> Any:
         if self._local is None:
             self._local = in_process_redis()  # same scripts, same semantics, this process only
             log.warning("redis unreachable: quotas are enforced per process until it is back")
-        return await script(keys=keys, args=args, client=self._local)
+        return self._local
+
+    async def _seed(self, local: Any, keys: list[str]) -> None:
+        """Start the in-process counters of `keys` from the last values Redis gave this process for them (each
+        only raised, never lowered), not from zero: see the README on the bound during an outage."""
+        args: list[Any] = []
+        seeded: list[str] = []
+        for k in keys:
+            if (seen := self._seen.get(k)) is not None:
+                seeded.append(k)
+                args += list(seen)
+        if seeded:
+            await self._seed_script(keys=seeded, args=args, client=local)
 
     def reject(self, key: KeyRecord, c: Counter, used: int, asked: int, now: float, counters: list[Counter],
                values: list[int]) -> None:

@@ -12,24 +12,26 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from .cache import EmbeddingCache, Entry
+from .cache import EmbeddingCache, Entry, ReadFailed
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
+from .keys import KeyRecord
 from .localcache import LocalCache
 from .metrics import Metrics
-from .quota import Ticket
+from .quota import REPLY_LOST, Ticket
 from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
 from .store import StoreUnavailable
 from .tokens import Tokenizer
 from .upstream import UpstreamClient
+from .usage import UsageLedger
 
 log = logging.getLogger("proxy.service")
 # Above this many characters of uncached text, token counting moves off the event loop.
@@ -37,6 +39,26 @@ _INLINE_COUNT_CHARS = 64 * 1024
 # New entries are written this long after their upstream answer, all together: the answer goes out first, and
 # under load one pipeline carries the entries of many requests.
 _WRITE_DELAY_S = 0.001
+
+
+_SHUTTING_DOWN = ServiceUnavailable("The proxy is shutting down.")
+
+
+class _CallFailed(Exception):
+    """What the requests waiting on a failed upstream call get: its `error`, the cache `keys` it carried, and
+    whether a request that shared it may send its inputs again itself (`retryable`)."""
+
+    def __init__(self, error: ProxyError, keys: frozenset[str], retryable: bool) -> None:
+        super().__init__(error.message)
+        self.error, self.keys, self.retryable = error, keys, retryable
+
+    def worth_retrying(self, mine: set[str]) -> bool:
+        """For a request asking for `mine` that shared this call: an upstream 400 is about its own inputs when the
+        call carried nothing else (relayed as it is); otherwise it may be about another request's input, and its
+        message must not reach this one."""
+        if isinstance(self.error, InvalidRequest):
+            return not self.keys <= mine
+        return self.retryable
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +113,12 @@ class EmbeddingService:
         upstream: UpstreamClient,
         metrics: Metrics,
         tokenizers: Mapping[str, Tokenizer],
+        ledger: UsageLedger,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._ledger = ledger
+        self._clock = clock
         self._cache = cache
         self._upstream = upstream
         self._metrics = metrics
@@ -113,11 +139,18 @@ class EmbeddingService:
         return self._local
 
     async def embed(
-        self, req: EmbeddingRequest, team: str, ticket: Ticket | None = None, trace: Trace | None = None
+        self, req: EmbeddingRequest, key: KeyRecord, ticket: Ticket | None = None, trace: Trace | None = None
     ) -> Outcome:
         """The answer's vectors and counts. With a quota `ticket`, the request is charged in the cache read's
-        round trip and its tokens once they are known, before anything goes upstream; either may refuse (429)."""
+        round trip and its tokens once they are known, before anything goes upstream; either may refuse (429).
+
+        It is recorded in the usage ledger here, under the time it started (its ticket's, so quotas and ledger
+        agree on the day). Whatever happens (answered, failed, refused, cancelled), the tokens the upstream billed
+        for this request's own calls stay in its quota and go to the ledger; only the tokens of inputs that were
+        not billed are given back."""
         trace = trace if trace is not None else Trace()
+        at = ticket.now if ticket is not None else self._clock()
+        team = key.team
         spec = self._settings.models[req.model]
         dims = req.dimensions or spec.dimensions
         try:
@@ -132,8 +165,8 @@ class EmbeddingService:
         positions: list[int] = []
         items: list[str | list[int]] = []
         for item in req.inputs:
-            key = ns + digest(item)  # type: ignore[arg-type]
-            idx = unique.setdefault(key, len(unique))
+            cache_key = ns + digest(item)  # type: ignore[arg-type]
+            idx = unique.setdefault(cache_key, len(unique))
             if idx == len(items):
                 items.append(item)
             positions.append(idx)
@@ -161,61 +194,119 @@ class EmbeddingService:
             try:
                 also = ticket.queue if ticket is not None else None
                 quota_reply = await self._read(keys, lookup, found, dims, also)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 readable = False
                 m.add(m.cache_lookups, "error", amount=len(lookup))
+                if isinstance(exc, ReadFailed):  # the quota script shared the pipeline: it may have run anyway
+                    quota_reply = exc.extra[0] if exc.extra else (REPLY_LOST if exc.sent else None)
         misses = [i for i, e in enumerate(found) if e is None]
 
         if ticket is not None:
             await ticket.charge_request(quota_reply)
-        counts = [e.tokens if e is not None else 0 for e in found]
+        own: dict[str, asyncio.Future[Entry]] = {}  # this request's own upstream calls: what is billed to it
         try:
-            if misses:
-                for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]), strict=True):
-                    counts[i] = n
-            self._check_limits(spec, counts, positions)
-        except InvalidRequest:
-            if ticket is not None:
-                await ticket.release_request()
-            raise
-        if ticket is not None and ticket.counts_all:
-            await ticket.charge_tokens(sum(counts[p] for p in positions))
-        if misses:
-            misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, readable, ticket)
-        hits = len(keys) - len(misses)
-        trace.cache_hits = hits
-
-        futures, owned = inflight.claim(keys[i] for i in misses) if misses else ({}, [])
-        owned_idx = [unique[k] for k in owned]
-        trace.upstream_inputs = len(owned_idx)
-        for part in chunk(owned_idx, counts, spec.max_batch_items, spec.max_batch_tokens):
-            task = asyncio.create_task(
-                self._fetch(req, [keys[i] for i in part], [items[i] for i in part], [counts[i] for i in part],
-                            cacheable)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        if futures:
-            started = time.perf_counter()
+            counts = [e.tokens if e is not None else 0 for e in found]
             try:
-                results = await asyncio.gather(*(asyncio.shield(futures[keys[i]]) for i in misses))
-            except Exception:
-                trace.upstream_s = time.perf_counter() - started
+                if misses:
+                    for i, n in zip(misses, await self._count(spec, req.kind, [items[i] for i in misses]),
+                                    strict=True):
+                        counts[i] = n
+                self._check_limits(spec, counts, positions)
+            except InvalidRequest:
                 if ticket is not None:
-                    await ticket.refund()
+                    await ticket.release_request()
                 raise
-            trace.upstream_s = time.perf_counter() - started
-            for i, entry in zip(misses, results, strict=True):
-                found[i] = entry
+            if ticket is not None and ticket.counts_all:
+                await ticket.charge_tokens(sum(counts[p] for p in positions))
+            if misses:
+                misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, readable, ticket)
+            trace.cache_hits = len(keys) - len(misses)
+            await self._fetch_misses(req, keys, items, counts, misses, found, own, ticket, trace,
+                                     epoch=epoch, dims=dims, readable=readable, cacheable=cacheable)
+        except asyncio.CancelledError:  # shutdown: its own upstream calls go on (others share them)
+            self._spawn(self._close_unanswered(req, key, ticket, own, at))
+            raise
+        except BaseException:
+            await self._close_unanswered(req, key, ticket, own, at)
+            raise
         entries: list[Entry] = found  # type: ignore[assignment]
 
-        billed = sum(entries[i].tokens for i in owned_idx)
+        billed = sum(entries[unique[k]].tokens for k in own)
         prompt = sum(entries[p].tokens for p in positions)
         if ticket is not None:
             await ticket.settle(prompt if ticket.counts_all else billed)
+        self._ledger.record(key.team, key.id, req.model, prompt, billed, at=at)
         trace.prompt_tokens, trace.cached_tokens = prompt, prompt - billed
+        hits = trace.cache_hits
         state: Literal["hit", "miss", "partial"] = "hit" if not misses else ("miss" if not hits else "partial")
         return Outcome(entries, positions, prompt, billed, state, ticket, keys)
+
+    async def _fetch_misses(
+        self, req: EmbeddingRequest, keys: list[str], items: list[str | list[int]], counts: list[int],
+        misses: list[int], found: list[Entry | None], own: dict[str, asyncio.Future[Entry]], ticket: Ticket | None,
+        trace: Trace, *, epoch: int, dims: int, readable: bool, cacheable: bool,
+    ) -> None:
+        """Fill `found` at `misses`: claim them, send the ones this request owns (noted in `own`), wait for all.
+
+        An input shared with another request whose call failed is sent again by this request, once, as its own
+        call (reserved and charged to it), unless the failure is about this request's own inputs (an upstream
+        400 for a call that carried only inputs it asked for: relayed) or cannot be helped by trying again. Raises
+        the first failure that remains, once every call it waited for is over."""
+        spec = self._settings.models[req.model]
+        mine = set(keys)
+        failure: BaseException | None = None
+        retried = False
+        while misses:
+            futures, owned = self._inflight.claim(keys[i] for i in misses)
+            owned_idx = [i for i in misses if keys[i] in owned]
+            own.update((k, futures[k]) for k in owned)
+            trace.upstream_inputs += len(owned_idx)
+            for part in chunk(owned_idx, counts, spec.max_batch_items, spec.max_batch_tokens):
+                self._spawn(self._fetch(req, [keys[i] for i in part], [items[i] for i in part],
+                                        [counts[i] for i in part], cacheable))
+            started = time.perf_counter()
+            waited = [futures[keys[i]] for i in misses]
+            if pending := [f for f in waited if not f.done()]:
+                await asyncio.wait(pending)  # never cancels them: other requests may share them
+            trace.upstream_s += time.perf_counter() - started
+            again = []
+            for i, fut in zip(misses, waited, strict=True):
+                exc = fut.exception() if not fut.cancelled() else _CallFailed(_SHUTTING_DOWN, frozenset(), False)
+                if exc is None:
+                    found[i] = fut.result()
+                elif (not retried and keys[i] not in own and isinstance(exc, _CallFailed)
+                      and exc.worth_retrying(mine)):
+                    again.append(i)
+                elif failure is None:
+                    failure = exc
+            if failure is not None or not again:
+                break
+            retried = True
+            misses = await self._settle_misses(keys, again, found, counts, epoch, dims, readable, ticket,
+                                               give_back=False)
+        if failure is not None:
+            raise failure.error if isinstance(failure, _CallFailed) else failure
+
+    async def _close_unanswered(
+        self, req: EmbeddingRequest, key: KeyRecord, ticket: Ticket | None, own: dict[str, asyncio.Future[Entry]],
+        at: float,
+    ) -> None:
+        """A request not answered 200 (failed, refused, or cancelled): once its own upstream calls are over, the
+        tokens the upstream billed for them stay in its quota and go to the ledger; the rest is given back."""
+        if pending := [f for f in own.values() if not f.done()]:
+            await asyncio.wait(pending)
+        billed = sum(f.result().tokens for f in own.values() if not f.cancelled() and f.exception() is None)
+        if ticket is not None:
+            await ticket.settle(billed)
+        if billed:
+            self._ledger.record_failed(key.team, key.id, req.model, billed, at=at)
+            self._metrics.observe_unanswered(key.team, req.model, billed,
+                                             self._settings.models[req.model].price_per_million_tokens)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _read(
         self, keys: list[str], lookup: list[int], found: list[Entry | None], dims: int,
@@ -240,7 +331,7 @@ class EmbeddingService:
 
     async def _settle_misses(
         self, keys: list[str], misses: list[int], found: list[Entry | None], counts: list[int], epoch: int,
-        dims: int, readable: bool, ticket: Ticket | None,
+        dims: int, readable: bool, ticket: Ticket | None, *, give_back: bool = True,
     ) -> list[int]:
         """The misses to claim, once the ones that landed in the cache meanwhile are read and the tokens of the
         ones this request will send upstream are reserved. Returns with nothing to await between its last check
@@ -262,7 +353,7 @@ class EmbeddingService:
             if ticket is not None and not ticket.counts_all:
                 extra = [i for i in misses if keys[i] not in inflight and i not in reserved]
                 if extra:
-                    await ticket.charge_tokens(sum(counts[i] for i in extra))
+                    await ticket.charge_tokens(sum(counts[i] for i in extra), give_back=give_back)
                     reserved.update(extra)
                     continue
             return misses
@@ -308,15 +399,17 @@ class EmbeddingService:
                 result = await self._upstream.embed(req.model, items, counts, req.dimensions, req.user)  # type: ignore[arg-type]
         except ProxyError as exc:
             m.observe_upstream_error(req.model, exc)
-            self._inflight.fail(keys, exc)
+            helpless = isinstance(exc, UpstreamBadGateway) and exc.kind == "auth"  # the proxy's credentials
+            self._inflight.fail(keys, _CallFailed(exc, frozenset(keys), not helpless))
             return
         except asyncio.CancelledError:
-            self._inflight.fail(keys, ServiceUnavailable("The proxy is shutting down."))
+            self._inflight.fail(keys, _CallFailed(_SHUTTING_DOWN, frozenset(keys), False))
             raise
         except Exception as exc:  # a bug must not leave other requests waiting forever
             log.exception("upstream call failed unexpectedly")
             m.observe_upstream_error(req.model, None)
-            self._inflight.fail(keys, UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__})."))
+            error = UpstreamBadGateway(f"Upstream call failed ({type(exc).__name__}).")
+            self._inflight.fail(keys, _CallFailed(error, frozenset(keys), False))
             return
         m.upstream_requests.labels(req.model, "ok").inc()
         # views into the one array the upstream answer was decoded to: no copy per vector
@@ -336,9 +429,7 @@ class EmbeddingService:
         self._write_timer = None
         batch, self._writes = self._writes, []
         if batch:
-            task = asyncio.create_task(self._write(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._write(batch))
 
     async def _write(self, batch: list[tuple[str, Entry]]) -> None:
         """One pipeline for every entry fetched since the last write; the keys stay claimed until it is done."""

@@ -6,8 +6,10 @@ does no Redis write for it. A flush is a numbered batch applied by one Lua scrip
 mean Redis skipped it) is retried as the same batch and never counts twice. A flush sends what was recorded when it
 began, in at most two round trips (a batch left unacknowledged, then one new batch), however much usage arrives
 meanwhile: one batch per process per interval under any traffic. Reports wait for this process's flush at most
-`REPORT_FLUSH_WAIT_S`. What is recorded is exactly what clients were told in `usage`:
-`prompt_tokens` split into tokens sent upstream and tokens served without an upstream call (`cached_tokens`).
+`REPORT_FLUSH_WAIT_S`. What is recorded for a request answered 200 is exactly what its
+client was told in `usage`: `prompt_tokens` split into tokens sent upstream and tokens served without an upstream
+call (`cached_tokens`). A request not answered 200 whose own upstream calls were billed anyway records those tokens
+in `upstream_tokens` and in `failed_tokens` (not in `requests`): every token the upstream billed is in the ledger.
 
 Flushes and reports are operator work: they get `redis.operator_timeout_s` and never mark Redis down for the hot
 path; reports read in pipelines of at most `REPORT_CHUNK` hashes.
@@ -37,7 +39,7 @@ from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger("proxy.usage")
-METRICS = ("requests", "upstream_tokens", "cached_tokens")
+METRICS = ("requests", "upstream_tokens", "cached_tokens", "failed_tokens")
 GroupBy = Literal["team", "key", "model", "day"]
 # A report asks this process to flush first, so its latest usage is in; a slower flush is left to finish later.
 REPORT_FLUSH_WAIT_S = 0.5
@@ -82,15 +84,30 @@ class UsageLedger:
         self._flushing = asyncio.Lock()  # the periodic, the admin report's and the shutdown flush take turns
         self._apply = store.client.register_script((resources.files("proxy") / "lua" / "ledger.lua").read_text())
 
-    def record(self, team: str, key_id: str, model: str, prompt_tokens: int, upstream_tokens: int) -> None:
-        day_number = int(self._clock() // 86400)  # formatting the UTC date once a day, not once a request
-        if day_number != self._day[0]:
-            self._day = (day_number, day_of(day_number * 86400))
-        fields = self._pending[(team, self._day[1])]
-        base = f"{key_id}|{model}|"
+    def record(self, team: str, key_id: str, model: str, prompt_tokens: int, upstream_tokens: int, *,
+               at: float | None = None) -> None:
+        """A request answered 200: `prompt_tokens` as the client was told, `upstream_tokens` the part of them it
+        sent upstream itself. `at`: when the request started (its quota ticket's time), so that quotas and the
+        ledger put a request on the same day."""
+        fields, base = self._slot(team, key_id, model, at)
         fields[base + "requests"] += 1
         fields[base + "upstream_tokens"] += upstream_tokens
         fields[base + "cached_tokens"] += prompt_tokens - upstream_tokens
+
+    def record_failed(self, team: str, key_id: str, model: str, upstream_tokens: int, *,
+                      at: float | None = None) -> None:
+        """A request not answered 200 whose own upstream calls were billed anyway (some of its chunks succeeded,
+        or it was cancelled): counted in upstream tokens and cost, not in requests or in tokens served."""
+        if upstream_tokens:
+            fields, base = self._slot(team, key_id, model, at)
+            fields[base + "upstream_tokens"] += upstream_tokens
+            fields[base + "failed_tokens"] += upstream_tokens
+
+    def _slot(self, team: str, key_id: str, model: str, at: float | None) -> tuple[dict[str, int], str]:
+        day_number = int((self._clock() if at is None else at) // 86400)
+        if day_number != self._day[0]:  # formatting the UTC date once a day, not once a request
+            self._day = (day_number, day_of(day_number * 86400))
+        return self._pending[(team, self._day[1])], f"{key_id}|{model}|"
 
     async def flush(self, *, wait_s: float | None = None) -> None:
         """Write what is recorded so far: the unacknowledged batch first (as itself), then one batch of everything
@@ -184,7 +201,8 @@ class UsageLedger:
         out = []
         for k in sorted(rows):
             row = rows[k]
-            row["total_tokens"] = row["upstream_tokens"] + row["cached_tokens"]
+            # tokens served to clients; failed_tokens were billed (in upstream_tokens) but never served
+            row["total_tokens"] = row["upstream_tokens"] - row["failed_tokens"] + row["cached_tokens"]
             by_model = tokens[k]
             row["upstream_cost_usd"] = sum(n * prices.get(m, 0.0) for (m, metric), n in by_model.items()
                                            if metric == "upstream_tokens") / 1e6
@@ -237,5 +255,6 @@ def _cell(value: Any) -> str:
 
 def report_format(by: GroupBy | None) -> ReportFormat:
     group = (by,) if by and by != "team" else ()
+    # failed_tokens last: CSV consumers reading columns by position keep working
     return ReportFormat(("team", *group, "requests", "upstream_tokens", "cached_tokens", "total_tokens",
-                         "upstream_cost_usd", "saved_usd"))
+                         "upstream_cost_usd", "saved_usd", "failed_tokens"))

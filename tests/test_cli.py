@@ -150,7 +150,8 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     assert sum(r["total_tokens"] for r in rows) == 4 * 3
     assert by_key[doc["id"]] + next(v for k, v in by_key.items() if k != doc["id"]) == 4
     csv_out = cli(redis_url, "usage", "--format", "csv").stdout.splitlines()
-    assert csv_out[0] == "team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd"
+    assert csv_out[0] == ("team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd,"
+                          "failed_tokens")
     assert csv_out[1].startswith("ads,4,3,9,12,")
     table = cli(redis_url, "usage", "--by", "model").stdout
     assert "ads" in table and MODEL in table

@@ -535,7 +535,12 @@ async def test_counters_bodies_and_reset(aiohttp_client: Any) -> None:
 async def test_control_endpoints(aiohttp_client: Any) -> None:
     client = await make_client(aiohttp_client)
     await embed(client, {"input": ["a", "b"], "model": SMALL})
-    assert await (await client.get("/_mock/stats")).json() == {"requests": 1, "inputs": 2}
+    await embed(client, {"input": ["a b c"], "model": SMALL, "user": "team-a"})
+    await client.post("/_mock/fail", json={"mode": "wrong_count"})
+    await client.post("/v1/embeddings", json={"input": ["a", "b"], "model": SMALL})  # a faulty answer: not billed
+    assert await (await client.get("/_mock/stats")).json() == {
+        "requests": 3, "inputs": 5, "billed_tokens": 5, "billed": {"": 2, "team-a": 3},
+    }
     resp = await client.post("/_mock/fail", json={"mode": "status", "times": 2, "status": 429, "retry_after": 1.5})
     assert resp.status == 200
     for _ in range(2):
@@ -545,7 +550,8 @@ async def test_control_endpoints(aiohttp_client: Any) -> None:
     assert (await client.post("/_mock/fail", data=b"{")).status == 400
     assert (await client.post("/_mock/fail", json={"mode": "garbage"})).status == 200
     assert (await client.post("/_mock/reset")).status == 200
-    assert await (await client.get("/_mock/stats")).json() == {"requests": 0, "inputs": 0}
+    assert await (await client.get("/_mock/stats")).json() == {"requests": 0, "inputs": 0, "billed_tokens": 0,
+                                                               "billed": {}}
     await embed(client, {"input": "x", "model": SMALL})  # the reset dropped the queued garbage answer
 
 
@@ -610,4 +616,5 @@ def test_run_prints_its_address_and_serves() -> None:
                 reply += chunk
         proc.terminate()
         assert proc.wait(timeout=10) == 0
-    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"requests":0,"inputs":0}')
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{}}')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import dataclasses
 from collections.abc import AsyncIterator
@@ -288,3 +289,36 @@ async def test_429s_carry_request_and_token_headers_and_openais_error_type(env: 
     assert day.value.headers["x-ratelimit-remaining-tokens"] == "90"
     assert day.value.headers["x-ratelimit-reset-tokens"] == "50s" == f"{day.value.retry_after:.0f}s"
     assert day.value.headers["x-ratelimit-remaining-requests"] == "5"
+
+
+async def test_corrections_go_to_the_store_the_charge_went_to(env: Any, own_redis: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=1000)}, url=own_redis.url)
+    await e.teams.limits("search")
+    own_redis.stop()
+    a = await admit(e.quotas, key(kid="key_a"), 600, 600)  # Redis down: charged in process
+    own_redis.start()
+    await asyncio.sleep(0.3)  # the store leaves Redis alone for retry_interval_s (0.2 s) after a failure
+    b = await admit(e.quotas, key(kid="key_b"), 600, 600)  # Redis is back: charged there
+    await a.refund()  # A's tokens go back where they were taken, not out of B's 600 in Redis
+    assert own_redis.client().get(b.counters[0].key) == b"600"
+    with pytest.raises(RateLimited):
+        await admit(e.quotas, key(kid="key_c"), 900, 900)
+    own_redis.stop()
+    await b.refund()  # due in Redis, which is down: dropped, never applied to the in-process counter
+    await admit(e.quotas, key(kid="key_d"), 400, 400)  # in process: started from the 600 seen, A's 600 given back
+    with pytest.raises(RateLimited):
+        await admit(e.quotas, key(kid="key_e"), 1, 1)
+
+
+async def test_the_in_process_fallback_starts_from_the_last_counts_seen(env: Any, own_redis: Any) -> None:
+    e: Env = await env({"search": Limits(tpm=1000)}, url=own_redis.url)
+    fresh: Env = await env({"search": Limits(tpm=1000)}, url=own_redis.url)  # another process
+    await fresh.teams.limits("search")
+    await admit(e.quotas, key(), 600, 600)  # Redis holds 600
+    own_redis.stop()
+    with pytest.raises(RateLimited):
+        await admit(e.quotas, key(), 500, 500)  # in process, from the 600 this process saw: 1100 > 1000
+    assert (await admit(e.quotas, key(), 400, 400)).headers["x-ratelimit-remaining-tokens"] == "0"
+    # A process that never saw the counter starts from zero: with N processes a window that holds an outage
+    # admits at most (N + 1) times a limit (README, Quotas).
+    await admit(fresh.quotas, key(), 1000, 1000)
