@@ -133,10 +133,11 @@ def _report_stores(settings: Settings, warn: Callable[[str], None]) -> bool:
 
     findings = asyncio.run(check_stores(settings))
     for f in findings:
+        if not f.error:
+            warn(f.message)
+    for f in findings:  # last: what stops the start is what the operator reads first
         if f.error:
             print(f"error: {f.message}", file=sys.stderr)
-        else:
-            warn(f.message)
     return not any(f.error for f in findings)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 
 from ..config import RedisSettings
@@ -52,7 +53,11 @@ def parse_endpoint(settings: RedisSettings, var: str = "REDIS_URL") -> Endpoint:
     """The endpoint `settings.url` names for `settings.type`; `var` names it in errors (REDIS_URL, CACHE_REDIS_URL)."""
     url, kind = settings.url.strip(), settings.type
     if kind == "single":
-        if not url.startswith(_SCHEMES):
+        try:
+            valid = url.startswith(_SCHEMES) and "," not in url and bool(parse_url(url))
+        except ValueError:
+            valid = False
+        if not valid:
             raise TopologyError(f"{var} must be a redis:// or rediss:// URL for a single Redis (type single), "
                                 f"not {_shown(url)}; a cluster or sentinel set needs REDIS_TYPE")
         return Endpoint(kind, url=url)
