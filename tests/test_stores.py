@@ -55,8 +55,8 @@ async def test_a_flood_evicts_old_cache_entries_only(
 ) -> None:
     state = start(servers, "--maxmemory-policy", "noeviction", "--appendonly", "yes")
     cache = start(servers, "--maxmemory", "40mb", "--maxmemory-policy", "allkeys-lru")
-    settings = make_settings(upstream.base_url, url(state), "[cache]\nlocal_max_mb = 0\n[teams.search]\ntpm = 10000000\n",
-                             CACHE_REDIS_URL=url(cache))
+    config = "[cache]\nlocal_max_mb = 0\n[teams.search]\ntpm = 10000000\n"
+    settings = make_settings(upstream.base_url, url(state), config, CACHE_REDIS_URL=url(cache))
     proxy = await make_proxy(settings)
     key = await proxy.new_key("search")
     other = await proxy.new_key("search")  # never used until after the flood

@@ -54,7 +54,7 @@ def parse_endpoint(settings: RedisSettings, var: str = "REDIS_URL") -> Endpoint:
     url, kind = settings.url.strip(), settings.type
     if kind == "single":
         try:
-            valid = url.startswith(_SCHEMES) and "," not in url and bool(parse_url(url))
+            valid = url.startswith(_SCHEMES) and "," not in url and bool(parse_url(url))  # type: ignore[no-untyped-call]
         except ValueError:
             valid = False
         if not valid:
