@@ -118,7 +118,7 @@ class Server:
             self.proc = None
 
     def remove(self) -> None:
-        self.stop()
+        self.kill()  # its data is thrown away: no graceful shutdown (a master would wait for its replicas)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -127,8 +127,9 @@ class Cluster:
 
     def __init__(self, server_bin: str, cli_bin: str, node_timeout_ms: int = 1000) -> None:
         self.cli_bin = cli_bin
+        # validity factor 0: a replica may take over however long ago it last heard from its master
         args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-config-file", "nodes.conf"]
+                "--cluster-config-file", "nodes.conf", "--cluster-replica-validity-factor", "0"]
         self.nodes = [Server(server_bin, cluster_port(), args) for _ in range(6)]
 
     @property
@@ -147,11 +148,14 @@ class Cluster:
         return [n for n in self.nodes if n.proc is not None]
 
     def wait_ok(self, timeout: float) -> None:
-        """Every live node says cluster_state:ok and knows three masters with slots."""
+        """Every live node says cluster_state:ok, three masters serve, and every replica has synced."""
         def ok() -> bool:
             for n in self.alive():
                 info = n.client().execute_command("CLUSTER", "INFO").decode()
                 if "cluster_state:ok" not in info:
+                    return False
+                replication = n.client().info("replication")
+                if replication["role"] == "slave" and replication.get("master_link_status") != "up":
                     return False
             return len(self.masters()) == 3
         wait_until(ok, timeout, "the cluster to be ok")

@@ -51,7 +51,7 @@ def proxy_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
 
 
 async def test_a_flood_evicts_old_cache_entries_only(
-    make_proxy: Any, upstream: Upstream, servers: list[Server]
+    servers: list[Server], make_proxy: Any, upstream: Upstream
 ) -> None:
     state = start(servers, "--maxmemory-policy", "noeviction", "--appendonly", "yes")
     cache = start(servers, "--maxmemory", "40mb", "--maxmemory-policy", "allkeys-lru")
@@ -89,7 +89,7 @@ async def test_a_flood_evicts_old_cache_entries_only(
     assert s.exists("ep:meta:cache-secret") == 1 and cache.client().exists("ep:meta:cache-secret") == 0
 
 
-async def test_each_store_degrades_alone(make_proxy: Any, upstream: Upstream, servers: list[Server]) -> None:
+async def test_each_store_degrades_alone(servers: list[Server], make_proxy: Any, upstream: Upstream) -> None:
     state = start(servers)
     cache = start(servers)
     config = "[cache]\nlocal_max_mb = 0\n[redis]\nsocket_timeout_s = 0.2\nretry_interval_s = 0.3\n" \
