@@ -165,3 +165,28 @@ async def test_team_quota_exact_across_two_processes_on_a_cluster(
             proc.terminate()
         for proc in procs:
             proc.wait(10)
+
+
+async def test_key_changes_are_subscribed_on_one_node_then_the_next(cluster: Cluster) -> None:
+    settings = RedisSettings(url=cluster.seeds, type="cluster", socket_timeout_s=5)
+    store = Store(connect(settings)[0], settings)
+    try:
+        await store.client.initialize()
+        nodes = []
+        for _ in range(6):
+            pubsub = store.subscriber.pubsub()
+            kw = pubsub.connection_pool.connection_kwargs
+            nodes.append(kw["port"])
+            await pubsub.aclose()
+        # every node the client knows (the masters) in turn: a resubscription after a failure moves on
+        assert sorted(set(nodes)) == sorted(n.port for n in cluster.masters())
+        # any node hears a PUBLISH made through another
+        async with store.subscriber.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe("ep:keys:changed")
+            await store.client.publish("ep:keys:changed", b"digest")
+            message = await pubsub.get_message(timeout=5)
+            while message is None:
+                message = await pubsub.get_message(timeout=5)
+            assert message["data"] == b"digest"
+    finally:
+        await store.close()
