@@ -144,7 +144,7 @@ def is_cluster(client: Any) -> bool:
 
 class NodeSubscriber:
     """`pubsub()` for a cluster: a plain connection to one node (PUBLISH reaches every node of a cluster), the next
-    node the cluster client knows (its masters) after each call, so a resubscription after a failure moves away
+    node the cluster client knows after each call, so a resubscription after a failure moves away
     from a dead node."""
 
     def __init__(self, cluster: RedisCluster, settings: RedisSettings, **kwargs: Any) -> None:
