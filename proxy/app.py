@@ -57,7 +57,8 @@ from .usage import UsageLedger
 log = logging.getLogger("proxy.app")
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", Store)  # the state store
+CACHE_STORE = web.AppKey("cache_store", Store)  # the state store itself unless CACHE_REDIS_URL is set
 KEYSTORE = web.AppKey("keystore", KeyStore)
 AUTH = web.AppKey("auth", Authenticator)
 SERVICE = web.AppKey("service", EmbeddingService)
@@ -256,11 +257,14 @@ async def readyz(request: web.Request) -> web.Response:
     store = request.app[STORE]
     redis_ok = await store.ping()
     problems = upstream_problems(request.app[SETTINGS])
-    body = {
+    body: dict[str, Any] = {
         "status": "ready" if redis_ok and not problems else "not ready",
         "redis": "embedded" if store.embedded else ("ok" if redis_ok else "unreachable"),
         "upstream": problems or "ok",
     }
+    cache_store = request.app[CACHE_STORE]
+    if cache_store is not store:  # informational: without its cache the proxy still answers (from the upstream)
+        body["cache_redis"] = "ok" if await cache_store.ping() else "unreachable"
     return _json(body, 200 if redis_ok and not problems else 503)
 
 
@@ -310,14 +314,19 @@ def create_app(
     m = metrics_registry or Metrics(models=settings.models)
     client, embedded = connect(settings.redis)
     store = Store(client, settings.redis, embedded=embedded, on_error=lambda op: m.redis_errors.labels(op).inc())
+    cache_store = store  # without CACHE_REDIS_URL the cache lives in the state store
+    if settings.cache_redis.url:
+        cache_store = Store(connect(settings.cache_redis, "CACHE_REDIS_URL")[0], settings.cache_redis,
+                            on_error=lambda op: m.redis_errors.labels(op).inc(), name="cache redis")
     rkeys = RedisKeys(settings.cache.key_prefix)
     keystore = KeyStore(store, rkeys)
     upstream = UpstreamClient(settings, on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
-    cache = EmbeddingCache(store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret)
+    cache = EmbeddingCache(cache_store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret, state=store)
     tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
     ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
     service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
+    app[CACHE_STORE] = cache_store
     app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
     app[UPSTREAM], app[SERVICE] = upstream, service
     app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
@@ -339,7 +348,7 @@ def create_app(
             log.warning("redis unreachable at start-up: the cache is bypassed until it answers")
         background = [
             asyncio.create_task(ledger.run(settings.usage.flush_interval_s)),
-            asyncio.create_task(auth.listen(store.client, rkeys.key_changes(), settings.redis.retry_interval_s)),
+            asyncio.create_task(auth.listen(store.subscriber, rkeys.key_changes(), settings.redis.retry_interval_s)),
             asyncio.create_task(access_log.run()),
             asyncio.create_task(m.run()),
         ]
@@ -355,6 +364,8 @@ def create_app(
             log.error("usage not written to the ledger at shutdown: redis unreachable")
         await upstream.close()
         await store.close()
+        if cache_store is not store:
+            await cache_store.close()
         access_log.flush()
         m.flush()
 

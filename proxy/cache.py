@@ -1,7 +1,8 @@
 """The embedding cache: one Redis string per (model, dimensions, kind, input).
 
 Value layout: 4-byte little-endian token count, then the vector as little-endian float32. A whole batch is read
-with one MGET (the MGETs of concurrent requests share one pipeline) and written with one pipeline of SET ... EX.
+with one MGET (the MGETs of concurrent requests share one pipeline; on a cluster one MGET per hash slot, see
+stores/slots.py) and written with one pipeline of SET ... EX (on a cluster, grouped per node by redis-py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from .rediskeys import RedisKeys, seed_from_secret
 from .store import Store, StoreUnavailable
+from .stores.slots import mget_batches
 
 _HEADER = struct.Struct("<I")
 
@@ -56,8 +58,10 @@ def decode_entry(value: bytes, dims: int) -> Entry | None:
 
 
 class EmbeddingCache:
-    def __init__(self, store: Store, keys: RedisKeys, *, ttl_s: int, secret: str = "") -> None:
-        self._store = store
+    def __init__(self, store: Store, keys: RedisKeys, *, ttl_s: int, secret: str = "", state: Store | None = None
+                 ) -> None:
+        self._store = store  # where the entries live: the cache store (the state store unless one is set)
+        self._state = state if state is not None else store  # where the shared cache secret lives
         self._keys = keys
         self._ttl = ttl_s
         self._seed: int | None = seed_from_secret(secret) if secret else None
@@ -67,11 +71,17 @@ class EmbeddingCache:
     async def seed(self) -> int:
         """The hash seed. Without PROXY_CACHE_SECRET every instance adopts the first secret stored in Redis."""
         if self._seed is None:
-            if self._store.embedded:
+            if self._state.embedded:
                 self._seed = seed_from_secret(secrets.token_urlsafe(32))
             else:
-                self._seed = seed_from_secret(await self._store.call("cache-secret", self._shared_secret))
+                self._seed = seed_from_secret(await self._state.call("cache-secret", self._shared_secret))
         return self._seed
+
+    @property
+    def carries_quota(self) -> bool:
+        """Whether a read's pipeline may carry the quota script too (`get_many`'s `also`): only where the cache
+        is the state store and one server (a cluster routes by slot; a cache store does not hold the counters)."""
+        return self._store is self._state and not self._store.cluster
 
     async def _shared_secret(self, r: object) -> str:
         key = self._keys.cache_secret()
@@ -112,6 +122,9 @@ class EmbeddingCache:
         spans: list[tuple[int, int]] = []
 
         async def run(r: Any) -> list[Any]:
+            if self._store.cluster:  # no `also` here (see carries_quota): one reply per read
+                spans.extend((i, i + 1) for i in range(len(reads)))
+                return await mget_batches(r, [read.keys for read in reads])
             if len(reads) == 1 and reads[0].also is None:
                 spans.append((0, 1))
                 return [await r.mget(reads[0].keys)]

@@ -111,6 +111,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if isinstance(workers, str):
         print(f"error: {workers}", file=sys.stderr)
         return 2
+    if not _report_stores(settings, warn=log.warning):
+        return 1
     if not settings.metrics_token and args.metrics_port is None:
         log.warning("/metrics is served on the API port without PROXY_METRICS_TOKEN: every API client can read "
                     "every team's usage, costs and key ids (set PROXY_METRICS_TOKEN, or serve it with "
@@ -131,9 +133,29 @@ def cmd_mock(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _report_stores(settings: Settings, warn: Callable[[str], None]) -> bool:
+    """Run the start-up checks of the Redis stores (stores/checks.py): each error on one line on stderr, each
+    warning through `warn`. False when there is an error (serve and check-config then exit 1)."""
+    from .stores.checks import check_stores
+
+    findings = asyncio.run(check_stores(settings))
+    for f in findings:
+        if not f.error:
+            warn(f.message)
+    for f in findings:  # last: what stops the start is what the operator reads first
+        if f.error:
+            print(f"error: {f.message}", file=sys.stderr)
+    return not any(f.error for f in findings)
+
+
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    if not _report_stores(settings, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
+        return 1
+    stores = "embedded" if not settings.redis.url else f"redis ({settings.redis.type})"
+    if settings.cache_redis.url:
+        stores += f", cache in its own redis ({settings.cache_redis.type})"
     print(f"{settings.source}: ok; models: {', '.join(settings.models)}; "
-          f"store: {'redis' if settings.redis.url else 'embedded'}; cache scope: {settings.cache.scope}")
+          f"store: {stores}; cache scope: {settings.cache.scope}")
     return 0
 
 
@@ -208,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--floats-only", action="store_true", help="answer float arrays even when asked for base64")
     m.set_defaults(func=cmd_mock)
 
-    c = sub.add_parser("check-config", help="validate the configuration offline")
+    c = sub.add_parser("check-config", help="validate the configuration, and the Redis stores it names")
     c.set_defaults(func=cmd_check_config)
     return p
 

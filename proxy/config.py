@@ -2,7 +2,8 @@
 
 Unknown keys are refused and every error names the file and the key. Defaults sit next to the fields. Secrets come
 only from the environment: `UPSTREAM_API_KEY` (or the variable an upstream's `api_key_env` names),
-`PROXY_ADMIN_KEY`, `PROXY_CACHE_SECRET`, `PROXY_METRICS_TOKEN`.
+`PROXY_ADMIN_KEY`, `PROXY_CACHE_SECRET`, `PROXY_METRICS_TOKEN`, `REDIS_PASSWORD` and the other Redis credentials
+(see `_redis`).
 """
 
 from __future__ import annotations
@@ -94,10 +95,22 @@ class ModelSettings:
     price_per_million_tokens: float = 0.0
 
 
+RedisType = Literal["single", "cluster", "sentinel"]
+
+
 @dataclass(frozen=True)
 class RedisSettings:
-    # Empty: the embedded in-process store (one process, not durable). Overridden by REDIS_URL.
+    # Empty: the embedded in-process store (one process, not durable). Overridden by REDIS_URL. Its form follows
+    # `type`: single, a redis:// or rediss:// URL; cluster, comma-separated host:port seed nodes (or one node's
+    # URL); sentinel, MASTER_NAME,host:port,host:port,... (the sentinels).
     url: str = ""
+    # single | cluster | sentinel (overridden by REDIS_TYPE).
+    type: RedisType = "single"
+    # TLS to cluster nodes, or to the sentinels and the master (overridden by REDIS_TLS); single: use rediss://.
+    tls: bool = False
+    # `serve` refuses a state store whose maxmemory-policy is not noeviction (it could evict keys, limits and the
+    # ledger); true accepts the risk ([redis] only).
+    allow_evicting_state: bool = False
     # A Redis call slower than this counts as a failure: the request carries on without the cache.
     socket_timeout_s: float = 0.25
     # Operator work (admin API, CLI, usage reports, ledger flushes) may take this long per Redis call; a slower
@@ -106,6 +119,10 @@ class RedisSettings:
     # After a failure, Redis is left alone for this long (requests bypass the cache), then tried again.
     retry_interval_s: float = 1.0
     max_connections: int = 200
+    # Secrets, from the environment only (REDIS_USERNAME, REDIS_PASSWORD, REDIS_SENTINEL_PASSWORD).
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+    sentinel_password: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,8 @@ class Settings:
     upstreams: Mapping[str, UpstreamSettings] = field(default_factory=lambda: {"default": UpstreamSettings()})
     models: Mapping[str, ModelSettings] = field(default_factory=dict)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    # The cache store (`[cache_redis]`, CACHE_REDIS_URL): url empty means the cache lives in the state store.
+    cache_redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     keys: KeySettings = field(default_factory=KeySettings)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
@@ -221,12 +240,35 @@ def _tables(raw: Any, key: str, cls: type[Any], source: str) -> dict[str, Any]:
     return {name: _build(cls, body, f"{key}.{name}", source) for name, body in raw.items()}
 
 
+_REDIS_SECRETS = {"username": "USERNAME", "password": "PASSWORD", "sentinel_password": "SENTINEL_PASSWORD"}
+
+
+def _redis(raw: Any, section: str, env_prefix: str, source: str, env: Mapping[str, str]) -> RedisSettings:
+    """`[redis]` or `[cache_redis]`, then its environment variables (REDIS_URL, CACHE_REDIS_URL, ...)."""
+    for name, var in _REDIS_SECRETS.items():
+        if isinstance(raw, dict) and name in raw:
+            raise ConfigError(f"{source}: {section}.{name} is a secret: set {env_prefix}{var} in the environment")
+    settings: RedisSettings = _build(RedisSettings, raw, section, source)
+    changes: dict[str, Any] = {name: env[env_prefix + var] for name, var in _REDIS_SECRETS.items()
+                               if env.get(env_prefix + var)}
+    if env_prefix + "URL" in env:
+        changes["url"] = env[env_prefix + "URL"]
+    if env.get(env_prefix + "TYPE"):
+        changes["type"] = _check(RedisType, env[env_prefix + "TYPE"], env_prefix + "TYPE", "environment")
+    if env.get(env_prefix + "TLS"):
+        tls = env[env_prefix + "TLS"].strip().lower()
+        if tls not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"environment: {env_prefix}TLS must be true or false, not {env[env_prefix + 'TLS']!r}")
+        changes["tls"] = tls in ("true", "1", "yes")
+    return dataclasses.replace(settings, **changes)
+
+
 def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
-    known = {"server", "upstreams", "models", "redis", "cache", "keys", "quotas", "usage", "teams"}
+    known = {"server", "upstreams", "models", "redis", "cache_redis", "cache", "keys", "quotas", "usage", "teams"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: {', '.join(sorted(known))})")
@@ -241,9 +283,13 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
             raise ConfigError(f"{source}: models.{name}.upstream names unknown upstream {m.upstream!r}")
         if m.dimensions < 1 or m.max_batch_items < 1 or m.max_input_tokens < 1:
             raise ConfigError(f"{source}: models.{name}: dimensions and limits must be positive")
-    redis = _build(RedisSettings, raw.get("redis", {}), "redis", source)
-    if "REDIS_URL" in env:
-        redis = dataclasses.replace(redis, url=env["REDIS_URL"])
+    redis = _redis(raw.get("redis", {}), "redis", "REDIS_", source, env)
+    cache_redis = _redis(raw.get("cache_redis", {}), "cache_redis", "CACHE_REDIS_", source, env)
+    if cache_redis.allow_evicting_state:
+        raise ConfigError(f"{source}: cache_redis.allow_evicting_state: only [redis] holds state")
+    if cache_redis.url and not redis.url:
+        raise ConfigError(f"{source}: CACHE_REDIS_URL (cache_redis.url) needs REDIS_URL too: the keys, quotas and "
+                          "ledger cannot live in the embedded in-process store while the cache is shared")
     teams = _tables(raw.get("teams", {}), "teams", Limits, source)
     for name, limits in teams.items():
         if not TEAM_RE.fullmatch(name):
@@ -256,6 +302,7 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         upstreams=types.MappingProxyType(upstreams),
         models=types.MappingProxyType(models),
         redis=redis,
+        cache_redis=cache_redis,
         cache=_build(CacheSettings, raw.get("cache", {}), "cache", source),
         keys=_build(KeySettings, raw.get("keys", {}), "keys", source),
         quotas=_build(QuotaSettings, raw.get("quotas", {}), "quotas", source),

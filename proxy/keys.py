@@ -162,7 +162,8 @@ class KeyStore:
                            lineage=lineage or key_id)
 
         async def write(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
+            # On a cluster the three keys sit in different slots: no MULTI; the record goes first all the same.
+            pipe = r.pipeline(transaction=not self._store.cluster)
             self._queue_create(pipe, key, record)
             await pipe.execute()
 
@@ -183,7 +184,10 @@ class KeyStore:
     async def list(self, team: str | None = None) -> list[KeyRecord]:
         async def read(r: Any) -> list[KeyRecord]:
             ids = await r.zrange(self._keys.key_index(), 0, -1)
-            digests = await r.mget([self._keys.key_id(i.decode()) for i in ids]) if ids else []
+            pipe = r.pipeline(transaction=False)  # GETs, not one MGET: on a cluster the ids span slots
+            for i in ids:
+                pipe.get(self._keys.key_id(i.decode()))
+            digests = await pipe.execute() if ids else []
             pipe = r.pipeline(transaction=False)
             for d in digests:
                 if d is not None:

@@ -19,6 +19,7 @@ from .keys import MAX_LIFETIME_S, KeyRecord, KeyStore
 from .limits import LIMIT_WINDOWS, Limits
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable, connect
+from .stores.topology import TopologyError, describe
 from .teams import TeamStore
 from .usage import UsageLedger, report_format
 
@@ -45,12 +46,16 @@ async def _with_store(settings: Settings, fn: Callable[[Store, RedisKeys], Await
         return 2
     # Every call here is operator work, as patient as the admin API's (operator_timeout_s).
     redis_settings = dataclasses.replace(settings.redis, socket_timeout_s=settings.redis.operator_timeout_s)
-    client, _ = connect(redis_settings)
+    try:
+        client, _ = connect(redis_settings)
+    except TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     store = Store(client, redis_settings)
     try:
         return await fn(store, RedisKeys(settings.cache.key_prefix))
     except StoreUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc} ({describe(exc)})", file=sys.stderr)
         return 1
     finally:
         await store.close()

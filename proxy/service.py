@@ -190,18 +190,25 @@ class EmbeddingService:
         lookup = [i for i, e in enumerate(found) if e is None and keys[i] not in inflight]
         readable = cacheable  # false once Redis fails this request: no second read
         quota_reply: Any = None
+        charging: asyncio.Future[None] | None = None
         if cacheable and lookup:
+            carried = ticket is not None and self._cache.carries_quota
+            if ticket is not None and not carried:  # counters in another store or slot: charge during the read
+                charging = asyncio.ensure_future(ticket.charge_request())
             try:
-                also = ticket.queue if ticket is not None else None
+                also = ticket.queue if ticket is not None and carried else None
                 quota_reply = await self._read(keys, lookup, found, dims, also)
             except StoreUnavailable as exc:
                 readable = False
                 m.add(m.cache_lookups, "error", amount=len(lookup))
                 if isinstance(exc, ReadFailed):  # the quota script shared the pipeline: it may have run anyway
                     quota_reply = exc.extra[0] if exc.extra else (REPLY_LOST if exc.sent else None)
+            finally:
+                if charging is not None:
+                    await charging
         misses = [i for i, e in enumerate(found) if e is None]
 
-        if ticket is not None:
+        if ticket is not None and charging is None:
             await ticket.charge_request(quota_reply)
         own: dict[str, asyncio.Future[Entry]] = {}  # this request's own upstream calls: what is billed to it
         try:

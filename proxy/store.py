@@ -1,8 +1,10 @@
-"""The Redis connection: a real server (REDIS_URL) or the embedded in-process store, behind one guard.
+"""A Redis connection: a real server (REDIS_URL, of any topology) or the embedded in-process store, behind one
+guard. The state store and the cache store (CACHE_REDIS_URL) are one `Store` each, so each has its own bypass.
 
-Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError`, `OSError` and
-timeouts into `StoreUnavailable`. After a failure the store is left alone for `retry_interval_s` (callers get
-`StoreUnavailable` at once instead of waiting on a dead server), then tried again: recovery needs no restart.
+Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError` (and a cluster
+client's `RedisClusterException`, which is not one), `OSError` and timeouts into `StoreUnavailable`. After a
+failure the store is left alone for `retry_interval_s` (callers get `StoreUnavailable` at once instead of waiting
+on a dead server), then tried again: recovery needs no restart.
 Operator work (admin API, CLI, usage reports, ledger flushes) goes through `Store.operator_call`: it may be slow
 without being a sign of trouble, so its failure is its own and never makes the hot path bypass Redis (and it does
 not wait out the hot path's `retry_interval_s` either).
@@ -20,13 +22,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from .config import RedisSettings
+from .stores.topology import NodeSubscriber, build_client, is_cluster
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
@@ -48,12 +50,14 @@ def in_process_redis() -> Any:
     return fakeredis.FakeAsyncRedis(max_connections=1_000_000)
 
 
-def connect(settings: RedisSettings) -> tuple[Any, bool]:
-    """A Redis client and whether it is the embedded store."""
+def connect(settings: RedisSettings, var: str = "REDIS_URL") -> tuple[Any, bool]:
+    """A Redis client of `settings.type` (stores/topology.py) and whether it is the embedded store. Raises
+    TopologyError when the URL does not fit the type (`var` names it)."""
     if not settings.url:
         return in_process_redis(), True
-    client = aioredis.Redis.from_url(
-        settings.url,
+    client = build_client(
+        settings,
+        var,
         # No per-socket timeout: Store.call bounds every call as a whole (redis-py's own costs a wait_for task per
         # command, and would break the blocking read of the key-change subscription every socket_timeout_s).
         socket_timeout=None,
@@ -81,9 +85,15 @@ class Store:
         embedded: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_error: Callable[[str], None] | None = None,
+        name: str = "redis",
     ) -> None:
         self.client = client
         self.embedded = embedded
+        self.name = name  # in log lines: which store ("redis" for the state store, "cache redis")
+        # A cluster: no MULTI/EXEC or MGET across hash slots; the key-change subscription is on one node at a time.
+        self.cluster = is_cluster(client)
+        self.subscriber: Any = NodeSubscriber(client, settings, socket_connect_timeout=settings.socket_timeout_s) \
+            if self.cluster else client
         self._timeout = settings.socket_timeout_s
         self.operator_timeout_s = settings.operator_timeout_s  # for callers that pass mark_down=False
         self._retry_interval = settings.retry_interval_s
@@ -111,7 +121,7 @@ class Store:
         try:
             async with asyncio.timeout_at(deadline):  # no task per call (wait_for would make one)
                 result = await fn(self.client)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             # A timeout that fired well after its deadline means this process's event loop was blocked (a long
             # computation, an overloaded process): the reply may be sitting unread. That is not Redis failing, so
             # only this call gives up; marking Redis down would send everyone upstream and deepen the overload.
@@ -123,7 +133,8 @@ class Store:
             raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}") from exc
         if self._down and mark_down:  # only the hot path's own calls end its bypass
             self._down = False
-            log.warning("redis reachable again; cache and key store back in use")
+            log.warning("%s reachable again; %s back in use", self.name,
+                        "the cache" if self.name == "cache redis" else "cache and key store")
         if isinstance(result, list) and any(
                 isinstance(x, RedisError) and not isinstance(x, NoScriptError) for x in result):
             self._count(op)  # an error reply in a pipeline (NOSCRIPT excepted: the script is simply sent again)
@@ -140,7 +151,7 @@ class Store:
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         if not self._down:
-            log.warning("redis %s failed (%s); bypassing it for %.1fs at a time", op, type(exc).__name__,
+            log.warning("%s %s failed (%s); bypassing it for %.1fs at a time", self.name, op, type(exc).__name__,
                         self._retry_interval)
         self._down = True
         self._down_until = self._clock() + self._retry_interval
@@ -154,4 +165,6 @@ class Store:
         return True
 
     async def close(self) -> None:
+        if self.subscriber is not self.client:
+            await self.subscriber.aclose()
         await self.client.aclose()

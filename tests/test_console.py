@@ -312,7 +312,8 @@ def test_usage_after_traffic_with_chart_and_csv(console: Console) -> None:
     today = dt.datetime.now(dt.UTC).date()
     assert info.value.suggested_filename == f"usage-{today - dt.timedelta(days=13)}-{today}.csv"
     lines = Path(path).read_text().splitlines()
-    assert lines[0] == "team,model,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd,failed_tokens"
+    assert lines[0] == ("team,model,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd,"
+                        "failed_tokens")
     assert lines[1].startswith("usage-team,text-embedding-3-small,3,")
 
     page.get_by_label("To", exact=True).fill(str(today - dt.timedelta(days=20)))

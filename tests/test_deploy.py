@@ -56,6 +56,12 @@ def test_compose_wires_every_service() -> None:
                                .read_text())["providers"]
     assert f"./grafana/dashboards:{providers[0]['options']['path']}:ro" in services["grafana"]["volumes"]
     assert services["proxy"]["stop_grace_period"]  # the workers' graceful stop needs time
+    # two stores: the state durable and never evicting, the cache evicting within its maxmemory
+    state, cache = services["redis"]["command"], services["redis-cache"]["command"]
+    assert state[state.index("--maxmemory-policy") + 1] == "noeviction" and "--appendonly" in state
+    assert state[state.index("--appendonly") + 1] == "yes"
+    assert cache[cache.index("--maxmemory-policy") + 1] == "allkeys-lru" and "--maxmemory" in cache
+    assert env["CACHE_REDIS_URL"] == "redis://redis-cache:6379/0"
 
 
 def test_kubernetes_manifests_fit_together(tmp_path: Path) -> None:

@@ -79,6 +79,7 @@ def test_float_body_round_trips_float32_exactly() -> None:
 async def test_cache_reads_are_views_and_bad_sizes_are_misses() -> None:
     class FakeStore:
         embedded = False
+        cluster = False
 
         async def call(self, op: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
             return await fn(FakeRedis())

@@ -206,5 +206,6 @@ def test_example_config_is_valid_and_complete() -> None:
     default = config.load(env={})
     # the example spells out the defaults: loading it changes nothing
     assert s.server == default.server and s.redis == default.redis and s.cache == default.cache
+    assert s.cache_redis == default.cache_redis
     assert dict(s.models) == dict(default.models) and dict(s.upstreams) == dict(default.upstreams)
     assert s.keys == default.keys and s.quotas == default.quotas and s.usage == default.usage
