@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import WatchError
-
 from .errors import AuthenticationFailed, KeyChanged, KeyNotActive, PermissionDenied, ServiceUnavailable
 from .limits import UNLIMITED, Limits, check_team
 from .rediskeys import RedisKeys
@@ -143,7 +141,9 @@ class KeyStore:
         self._store = store
         self._keys = keys
         self._clock = clock
-        self._set_fields = store.client.register_script((resources.files("proxy") / "lua" / "keyset.lua").read_text())
+        lua = resources.files("proxy") / "lua"
+        self._set_fields = store.client.register_script((lua / "keyset.lua").read_text())
+        self._claim = store.client.register_script((lua / "keyrotate.lua").read_text())
 
     async def create(
         self,
@@ -214,10 +214,12 @@ class KeyStore:
         the old key's grace period ends after `grace_s` (or earlier, if it already would). Returns (new key, new
         record, old record); None if there is no such key. A revoked or expired key cannot be rotated.
 
-        Atomic: the old record is read under WATCH and the new key is written, with the old key's grace end, in
-        one MULTI only if the old record is unchanged since. Of two concurrent rotations (or a rotation and a
-        revocation) one wins; the loser issues no key and raises KeyChanged (409). A key rotated again later,
-        while its grace period runs, gets a second replacement, as before."""
+        Atomic on the old record alone (one key, so a Redis Cluster too): the rotation claims it with
+        `lua/keyrotate.lua`, which sets the grace end only if the record is as it was read (its revision, moved on
+        by every change: `lua/keyset.lua`), and only then writes the new key. Of two concurrent rotations (or a
+        rotation and a revocation or limit change) one wins; the loser issues no key and raises KeyChanged (409).
+        Should the new key's write fail after the claim, the old key still works until its grace end and can be
+        rotated again. A key rotated again later, while its grace period runs, gets a second replacement."""
         key = generate_key()
 
         async def run(r: Any) -> tuple[str, KeyRecord, KeyRecord] | None:
@@ -225,33 +227,27 @@ class KeyStore:
             if digest is None:
                 return None
             record_key = self._keys.key_record(digest.decode())
-            async with r.pipeline(transaction=True) as pipe:
-                await pipe.watch(record_key)
-                raw = await pipe.hgetall(record_key)
-                if not raw:
-                    return None
-                old = KeyRecord.from_redis(raw)
-                now = self._clock()
-                if not old.active(now):
-                    raise KeyNotActive(
-                        f"Key {key_id} is {'revoked' if old.revoked else 'expired'}: it cannot be rotated. Create a "
-                        "new key instead.", code="key_revoked" if old.revoked else "key_expired")
-                new_id = new_key_id()
-                new = KeyRecord(new_id, old.team, old.name, now, old.expires_at, False, old.models, old.limits,
-                                lineage=old.quota_id)
-                grace = now + grace_s if old.grace_until is None else min(now + grace_s, old.grace_until)
-                old = replace(old, grace_until=grace)
-                pipe.multi()
-                self._queue_create(pipe, key, new)
-                # written even when unchanged: the write is what makes a concurrent rotation's WATCH fail
-                pipe.hset(record_key, "grace_until", repr(grace))
-                pipe.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy
-                try:
-                    await pipe.execute()
-                except WatchError:
-                    raise KeyChanged(f"Key {key_id} was rotated or revoked while this rotation ran: no key was "
-                                     "issued. Read the key again before rotating it.") from None
-            return key, new, old
+            raw = await r.hgetall(record_key)
+            if not raw:
+                return None
+            old = KeyRecord.from_redis(raw)
+            now = self._clock()
+            if not old.active(now):
+                raise KeyNotActive(
+                    f"Key {key_id} is {'revoked' if old.revoked else 'expired'}: it cannot be rotated. Create a "
+                    "new key instead.", code="key_revoked" if old.revoked else "key_expired")
+            new = KeyRecord(new_key_id(), old.team, old.name, now, old.expires_at, False, old.models, old.limits,
+                            lineage=old.quota_id)
+            grace = now + grace_s if old.grace_until is None else min(now + grace_s, old.grace_until)
+            revision = raw.get(b"rev", b"").decode()
+            if not await self._claim(keys=[record_key], args=[revision, repr(grace)], client=r):
+                raise KeyChanged(f"Key {key_id} was rotated, revoked or changed while this rotation ran: no key was "
+                                 "issued. Read the key again before rotating it.")
+            pipe = r.pipeline(transaction=not self._store.cluster)
+            self._queue_create(pipe, key, new)
+            await pipe.execute()
+            await r.publish(self._keys.key_changes(), digest)  # every instance drops its cached copy of the old key
+            return key, new, replace(old, grace_until=grace)
 
         return await self._store.operator_call("key-update", run)  # a rotation updates a key
 

@@ -89,8 +89,13 @@ def test_cli_keys_usage_and_check_config_on_a_cluster(cluster: Cluster) -> None:
     created = cli(cluster, "keys", "create", "--team", "ops", "--json")
     assert created.returncode == 0, created.stderr
     key_id = json.loads(created.stdout)["id"]
+    rotated = cli(cluster, "keys", "rotate", key_id, "--grace", "1h", "--json")  # a claim of one record, no MULTI
+    assert rotated.returncode == 0, rotated.stderr
+    new_id = json.loads(rotated.stdout)["id"]
+    revoked = cli(cluster, "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
     listed = cli(cluster, "keys", "list", "--json")
-    assert [r["id"] for r in json.loads(listed.stdout)] == [key_id]
+    assert {r["id"]: r["revoked"] for r in json.loads(listed.stdout)} == {key_id: True, new_id: False}
     assert cli(cluster, "teams", "set", "ops", "--rpm", "5").returncode == 0
     teams = cli(cluster, "teams", "list", "--json")
     assert json.loads(teams.stdout) == [{"team": "ops", "source": "runtime", "limits": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -144,20 +145,27 @@ class RaceClock(Clock):
         return self.now
 
 
-@pytest.mark.parametrize("rival", ["rotation", "revocation"])
+def _lua(name: str) -> str:
+    return (resources.files("proxy") / "lua" / name).read_text()
+
+
+@pytest.mark.parametrize("rival", ["rotation", "revocation", "limits"])
 async def test_a_rotation_that_loses_a_race_issues_no_key(keys: Any, redis_server: Any, rival: str) -> None:
     ks, _, _ = keys
     key, record = await ks.create("search")
     raw = redis_server.client()
-    field = "grace_until" if rival == "rotation" else "revoked"
-    # what the rival writes to the old record, landing between this rotation's read and its write
-    clock = RaceClock(T0, lambda: raw.hset(f"ep:key:{hash_key(key)}", field, repr(T0 + 60) if field == "grace_until"
-                                           else "1"))
-    racing = KeyStore(ks._store, RedisKeys("ep"), clock=clock)
+    record_key = f"ep:key:{hash_key(key)}"
+    # what the rival writes to the old record (through the scripts a real rotation, revocation or limit change
+    # runs), landing between this rotation's read and its claim
+    rivals = {
+        "rotation": lambda: raw.eval(_lua("keyrotate.lua"), 1, record_key, "", repr(T0 + 60)),
+        "revocation": lambda: raw.eval(_lua("keyset.lua"), 1, record_key, "revoked", "1"),
+        "limits": lambda: raw.eval(_lua("keyset.lua"), 1, record_key, "rpm", "7"),
+    }
+    racing = KeyStore(ks._store, RedisKeys("ep"), clock=RaceClock(T0, rivals[rival]))
     with pytest.raises(KeyChanged) as err:
         await racing.rotate(record.id, grace_s=3600)
     assert err.value.status == 409 and err.value.code == "key_changed"
     assert [r.id for r in await ks.list()] == [record.id]  # no second key
     got = await ks.get(record.id)
     assert got is not None and got.grace_until == (T0 + 60 if rival == "rotation" else None)
-
