@@ -93,9 +93,16 @@ class Server:
             cmd = [self.binary, "--port", str(self.port), "--save", "", "--appendonly", "no", *self.args]
         cmd += ["--bind", "127.0.0.1", "--dir", self.dir, "--protected-mode", "no"]
         log = open(Path(self.dir) / "server.log", "wb")  # noqa: SIM115 (the process owns it)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(lambda: self.client().ping(), 10, f"{self.binary} on port {self.port}")
+
+        def up() -> bool:
+            if proc.poll() is not None:  # it exited (its port taken meanwhile, say): say why, at once
+                tail = (Path(self.dir) / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.binary} on port {self.port} exited {proc.returncode}: {tail}")
+            return bool(self.client().ping())
+
+        wait_until(up, 30, f"{self.binary} on port {self.port}")
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
