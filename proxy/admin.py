@@ -13,6 +13,8 @@
     PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)
     DELETE /admin/teams/{team}            drop the limits set at run time: the config's apply again
     GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
+    GET  /admin/upstreams                 each deployment's state in the process that answers (health, cooldown,
+                                          last error, remaining requests and tokens by the upstream's headers)
 
 Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
 behind these routes make operator calls (`redis.operator_timeout_s`, never marking Redis down for requests).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hmac
+import os
 import time
 from typing import Any, cast
 
@@ -30,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from .fleet import FleetClient
 from .keys import KEY_PREFIX, KeyStore, bearer_key
 from .limits import Limits
 from .store import StoreUnavailable
@@ -43,6 +47,7 @@ LEDGER = web.AppKey("admin_ledger", UsageLedger)
 ADMIN_KEY = web.AppKey("admin_key", str)
 PRICES: web.AppKey[dict[str, float]] = web.AppKey("admin_prices")
 MODELS: web.AppKey[frozenset[str]] = web.AppKey("admin_models")
+FLEET = web.AppKey("admin_fleet", FleetClient)
 
 
 def check_admin(request: web.Request) -> None:
@@ -243,3 +248,12 @@ def add_routes(app: web.Application, keystore: KeyStore, teams: TeamStore, ledge
     r.add_put("/admin/teams/{team}", set_team)
     r.add_delete("/admin/teams/{team}", reset_team)
     r.add_get("/admin/usage", usage)
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    return _json({"object": "list", "pid": os.getpid(), "data": request.app[FLEET].snapshot()})
+
+
+def add_fleet_routes(app: web.Application, fleet: FleetClient) -> None:
+    app[FLEET] = fleet
+    app.router.add_get("/admin/upstreams", upstreams)

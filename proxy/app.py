@@ -21,11 +21,12 @@ import orjson
 from aiohttp import web
 
 from .accesslog import AccessLog, AccessRecord, access_line, error_code
+from .admin import add_fleet_routes, check_admin
 from .admin import add_routes as add_admin_routes
-from .admin import check_admin
 from .cache import EmbeddingCache
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, ServiceUnavailable
+from .fleet import SERVED_BY, FleetClient
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
@@ -35,8 +36,7 @@ from .response import render
 from .service import EmbeddingService, Trace
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
-from .tokens import Tokenizer
-from .upstream import UpstreamClient
+from .tokens import make_tokenizer
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.app")
@@ -46,7 +46,7 @@ STORE = web.AppKey("store", Store)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 AUTH = web.AppKey("auth", Authenticator)
 SERVICE = web.AppKey("service", EmbeddingService)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
+UPSTREAM = web.AppKey("upstream", FleetClient)
 METRICS = web.AppKey("metrics", Metrics)
 TEAMS = web.AppKey("teams", TeamStore)
 QUOTAS = web.AppKey("quotas", Quotas)
@@ -56,6 +56,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
 TRACE = web.RequestKey("trace", Trace)
+SERVED: web.RequestKey[list[str]] = web.RequestKey("served_by")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -134,7 +135,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             request_id=request.get(REQUEST_ID, ""), method=request.method,
             path=route.canonical if route is not None else "<unmatched>", status=resp.status,
             duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
-            error_code=error_code(resp.status, getattr(resp, "body", None)),
+            error_code=error_code(resp.status, getattr(resp, "body", None)), upstreams=request.get(SERVED),
         ), request.get(TRACE)))
     return resp
 
@@ -156,6 +157,9 @@ async def embeddings(request: web.Request) -> web.Response:
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
     request[TRACE] = trace = Trace()
+    served: list[str] = []
+    request[SERVED] = served
+    SERVED_BY.set(served)  # the upstream calls this request makes inherit it, and name their deployment in it
     outcome = await app[SERVICE].embed(req, key.team, await app[QUOTAS].ticket(key), trace)
     app[LEDGER].record(key.team, key.id, req.model, outcome.prompt_tokens, outcome.billed_tokens)
     app[METRICS].observe_embedding(
@@ -234,9 +238,10 @@ def create_app(
     store = Store(client, settings.redis, embedded=embedded, on_error=lambda op: m.redis_errors.labels(op).inc())
     rkeys = RedisKeys(settings.cache.key_prefix)
     keystore = KeyStore(store, rkeys)
-    upstream = UpstreamClient(settings, on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
+    upstream = FleetClient(settings, metrics=m,
+                           on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
     cache = EmbeddingCache(store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret)
-    tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
+    tokenizers = {spec.tokenizer: make_tokenizer(spec.tokenizer) for spec in settings.models.values()}
     service = EmbeddingService(settings, cache, upstream, m, tokenizers)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
@@ -287,4 +292,5 @@ def create_app(
         app.router.add_get("/metrics", metrics)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
+    add_fleet_routes(app, upstream)
     return app
