@@ -122,7 +122,7 @@ class ModelSettings:
     price_per_million_tokens: float = 0.0
     # Part of every cache key of this model: bump it when the model behind the name changes.
     cache_revision: str = ""
-    # Where the model is served; empty: `upstream` (with `upstream_model`) alone. Filled in by `parse`.
+    # Where the model is served (see deployments_of); empty: `upstream` (with `upstream_model`) alone.
     deployments: tuple[DeploymentSettings, ...] = ()
 
 
@@ -212,7 +212,7 @@ class Settings:
 
 
 def deployments_of(spec: ModelSettings) -> tuple[DeploymentSettings, ...]:
-    """Where a model is served; settings built in code (tests) may leave `deployments` empty."""
+    """Where a model is served: its `deployments`, or the one its `upstream` names."""
     return spec.deployments or (DeploymentSettings(spec.upstream, spec.upstream_model),)
 
 
@@ -290,7 +290,9 @@ def _model(name: str, raw: Any, upstreams: Mapping[str, UpstreamSettings], sourc
             raise ConfigError(f"{source}: {at}: upstream {d.upstream!r} is listed twice")
         seen.add(d.upstream)
     tokenizer = _tokenizer(m.tokenizer, f"{where}.tokenizer", source)
-    return dataclasses.replace(m, deployments=tuple(deployments), tokenizer=tokenizer)
+    # Left empty for `upstream = "NAME"` (see deployments_of), so such a model reads as it always did.
+    return dataclasses.replace(m, deployments=tuple(deployments) if deployments_raw is not None else (),
+                               tokenizer=tokenizer)
 
 
 def _tokenizer(value: str, key: str, source: str) -> str:
