@@ -275,6 +275,7 @@ class Metrics:
             self.child(self.deployment_calls, model, upstream, "ok")
             self.child(self.upstream_cooldown, model, upstream).set(0)
             self.child(self.upstream_failovers, model, upstream)
+            self.child(self.upstream_queue_wait, model)
         self._flush_hooks.append(refresh)
 
     def observe_deployment(self, model: str, upstream: str, outcome: str, seconds: float) -> None:
