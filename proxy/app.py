@@ -202,7 +202,8 @@ def upstream_problems(settings: Settings) -> list[str]:
         url = urlsplit(up.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             problems.append(f"upstream {name}: base_url is not an http(s) URL")
-        elif not settings.upstream_api_keys.get(name) and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        elif (up.api_key_env and not settings.upstream_api_keys.get(name)
+              and url.hostname not in ("127.0.0.1", "localhost", "::1")):  # api_key_env = "": a keyless server
             problems.append(f"upstream {name}: ${up.api_key_env} is not set")
     return problems
 

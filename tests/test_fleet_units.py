@@ -299,3 +299,12 @@ async def test_batcher_fails_every_caller_and_retries_a_400_alone() -> None:
     assert sorted(map(tuple, calls[2:])) == [("bad",), ("ok1",), ("ok2",)]  # ... then each caller alone
     assert isinstance(outcomes[1], InvalidRequest)
     assert not isinstance(outcomes[0], BaseException) and not isinstance(outcomes[2], BaseException)
+
+
+def test_readiness_needs_no_key_for_a_keyless_upstream() -> None:
+    from proxy.app import upstream_problems
+
+    s = config.parse('[upstreams.tei]\nbase_url = "http://tei:8080/v1"\napi_key_env = ""\n'
+                     '[upstreams.oa]\nbase_url = "https://api.example.com/v1"\napi_key_env = "OA_KEY"\n',
+                     "/etc/proxy.toml", {"UPSTREAM_API_KEY": "k"})
+    assert upstream_problems(s) == ["upstream oa: $OA_KEY is not set"]
