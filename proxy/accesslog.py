@@ -38,6 +38,7 @@ class AccessRecord:
     model: str = ""
     cache: str = ""  # hit, miss, partial; empty when no embeddings were served
     error_code: str = ""
+    upstreams: list[str] | None = None  # the deployments ([upstreams.NAME]) whose answers this request used
 
 
 def access_line(record: AccessRecord, trace: Trace | None = None, *, now: float | None = None) -> bytes:
@@ -48,6 +49,7 @@ def access_line(record: AccessRecord, trace: Trace | None = None, *, now: float 
         "duration_ms": round(record.duration_ms, 3), "team": record.team, "key_id": record.key_id,
         "model": record.model, "inputs": 0, "cache": record.cache, "cache_hits": 0, "upstream_inputs": 0,
         "prompt_tokens": 0, "cached_tokens": 0, "upstream_ms": 0.0, "error_code": record.error_code,
+        "upstreams": record.upstreams or [],
     }
     if trace is not None:
         doc["inputs"] = trace.inputs

@@ -13,6 +13,8 @@
     PUT  /admin/teams/{team}              {rpm?, tpm?, ...}: change those limits (0 or null clears)
     DELETE /admin/teams/{team}            drop the limits set at run time: the config's apply again
     GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
+    GET  /admin/upstreams                 each deployment's state in the process that answers (health, cooldown,
+                                          last error, remaining requests and tokens by the upstream's headers)
 
 Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
 behind these routes make operator calls (`redis.operator_timeout_s`, never marking Redis down for requests).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hmac
+import os
 import time
 from typing import Any, cast
 
@@ -31,6 +34,7 @@ from aiohttp import web
 
 from .body import read_json_object
 from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from .fleet import FleetClient
 from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, secret_bytes
 from .limits import Limits, check_team
 from .routing import expect_continue
@@ -45,6 +49,7 @@ LEDGER = web.AppKey("admin_ledger", UsageLedger)
 ADMIN_KEY = web.AppKey("admin_key", str)
 PRICES: web.AppKey[dict[str, float]] = web.AppKey("admin_prices")
 MODELS: web.AppKey[frozenset[str]] = web.AppKey("admin_models")
+FLEET = web.AppKey("admin_fleet", FleetClient)
 
 
 def check_admin(request: web.Request) -> None:
@@ -245,3 +250,12 @@ def add_routes(app: web.Application, keystore: KeyStore, teams: TeamStore, ledge
     r.add_put("/admin/teams/{team}", set_team, expect_handler=expect_continue)
     r.add_delete("/admin/teams/{team}", reset_team, expect_handler=expect_continue)
     r.add_get("/admin/usage", usage, expect_handler=expect_continue)
+
+
+async def upstreams(request: web.Request) -> web.Response:
+    return _json({"object": "list", "pid": os.getpid(), "data": request.app[FLEET].snapshot()})
+
+
+def add_fleet_routes(app: web.Application, fleet: FleetClient) -> None:
+    app[FLEET] = fleet
+    app.router.add_get("/admin/upstreams", upstreams, expect_handler=expect_continue)

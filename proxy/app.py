@@ -24,8 +24,8 @@ import orjson
 from aiohttp import web
 
 from .accesslog import AccessLog, AccessRecord, access_line, error_code
+from .admin import add_fleet_routes, check_admin
 from .admin import add_routes as add_admin_routes
-from .admin import check_admin
 from .body import read_body
 from .cache import EmbeddingCache
 from .config import Settings
@@ -40,6 +40,7 @@ from .errors import (
     ProxyError,
     ServiceUnavailable,
 )
+from .fleet import SERVED_BY, FleetClient
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
@@ -50,8 +51,7 @@ from .routing import UNMATCHED, add_unknown_route, expect_continue
 from .service import EmbeddingService, Trace
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
-from .tokens import Tokenizer
-from .upstream import UpstreamClient
+from .tokens import make_tokenizer
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.app")
@@ -62,7 +62,7 @@ CACHE_STORE = web.AppKey("cache_store", Store)  # the state store itself unless 
 KEYSTORE = web.AppKey("keystore", KeyStore)
 AUTH = web.AppKey("auth", Authenticator)
 SERVICE = web.AppKey("service", EmbeddingService)
-UPSTREAM = web.AppKey("upstream", UpstreamClient)
+UPSTREAM = web.AppKey("upstream", FleetClient)
 METRICS = web.AppKey("metrics", Metrics)
 TEAMS = web.AppKey("teams", TeamStore)
 QUOTAS = web.AppKey("quotas", Quotas)
@@ -73,6 +73,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
 TRACE = web.RequestKey("trace", Trace)
+SERVED: web.RequestKey[list[str]] = web.RequestKey("served_by")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: echoed in a header, so never a newline
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -185,7 +186,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             path=route.canonical if route is not None and route.name != UNMATCHED else "<unmatched>",
             status=resp.status,
             duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
-            error_code=error_code(resp.status, getattr(resp, "body", None)),
+            error_code=error_code(resp.status, getattr(resp, "body", None)), upstreams=request.get(SERVED),
         ), request.get(TRACE)))
     return resp
 
@@ -207,6 +208,9 @@ async def embeddings(request: web.Request) -> web.Response:
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
     request[TRACE] = trace = Trace()
+    served: list[str] = []
+    request[SERVED] = served
+    SERVED_BY.set(served)  # the upstream calls this request makes inherit it, and name their deployment in it
     outcome = await app[SERVICE].embed(req, key, await app[QUOTAS].ticket(key), trace)  # records it in the ledger
     app[METRICS].observe_embedding(
         key.team, key.id, req.model, inputs=trace.inputs, upstream_inputs=trace.upstream_inputs,
@@ -248,7 +252,8 @@ def upstream_problems(settings: Settings) -> list[str]:
         url = urlsplit(up.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             problems.append(f"upstream {name}: base_url is not an http(s) URL")
-        elif not settings.upstream_api_keys.get(name) and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        elif (up.api_key_env and not settings.upstream_api_keys.get(name)
+              and url.hostname not in ("127.0.0.1", "localhost", "::1")):  # api_key_env = "": a keyless server
             problems.append(f"upstream {name}: ${up.api_key_env} is not set")
     return problems
 
@@ -320,9 +325,10 @@ def create_app(
                             on_error=lambda op: m.redis_errors.labels(op).inc(), name="cache redis")
     rkeys = RedisKeys(settings.cache.key_prefix)
     keystore = KeyStore(store, rkeys)
-    upstream = UpstreamClient(settings, on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
+    upstream = FleetClient(settings, metrics=m,
+                           on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
     cache = EmbeddingCache(cache_store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret, state=store)
-    tokenizers = {spec.tokenizer: Tokenizer(spec.tokenizer) for spec in settings.models.values()}
+    tokenizers = {spec.tokenizer: make_tokenizer(spec.tokenizer) for spec in settings.models.values()}
     ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
     service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
@@ -380,6 +386,7 @@ def create_app(
         r.add_get("/metrics", metrics, expect_handler=expect_continue)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
+    add_fleet_routes(app, upstream)
     add_console_routes(app)
     add_unknown_route(app)  # last: the catch-all for every other path
     return app

@@ -1,4 +1,5 @@
-"""The `embedding-proxy` command: serve, mock-upstream, check-config; keys, teams and usage live in operate.py."""
+"""The `embedding-proxy` command: serve, mock-upstream, check-config, upstreams; keys, teams and usage live in
+operate.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import dataclasses
 import logging
 import signal
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from . import __version__
@@ -129,7 +134,8 @@ def cmd_mock(args: argparse.Namespace, settings: Settings) -> int:
     from .mock_upstream import MockSettings, run
 
     run(args.host, args.port, MockSettings(api_key=args.api_key, latency_ms=args.latency_ms, shuffle=args.shuffle,
-                                           floats_only=args.floats_only))
+                                           floats_only=args.floats_only, rpm=args.rpm, tpm=args.tpm,
+                                           rate_window_s=args.rate_window_s))
     return 0
 
 
@@ -156,6 +162,43 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
         stores += f", cache in its own redis ({settings.cache_redis.type})"
     print(f"{settings.source}: ok; models: {', '.join(settings.models)}; "
           f"store: {stores}; cache scope: {settings.cache.scope}")
+    return 0
+
+
+def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
+    """Each deployment's state, from a running proxy's GET /admin/upstreams (the state lives in its process)."""
+    base = args.url or f"http://{settings.server.host}:{settings.server.port}"
+    url = base.rstrip("/") + "/admin/upstreams"
+    if not settings.admin_key:
+        print("error: this command needs PROXY_ADMIN_KEY (it asks the running proxy's admin API)", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {settings.admin_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            rows = orjson.loads(resp.read())["data"]
+    except urllib.error.HTTPError as exc:
+        print(f"error: {url} answered {exc.code}: {exc.read()[:300].decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(rows).decode())
+        return 0
+
+    def when(t: float | None) -> str:
+        return time.strftime("%H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+    def num(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    print(f"{'MODEL':<28} {'UPSTREAM':<16} {'KIND':<6} {'PRI':>3} {'WEIGHT':>6} {'STATE':<13} {'UNTIL':<9} "
+          f"{'LAST ERROR':<12} {'REQ LEFT':>8} {'TOK LEFT':>9}")
+    for r in rows:
+        until = r["cooling_down_until"] or r["paused_until"]
+        print(f"{r['model']:<28} {r['upstream']:<16} {r['kind']:<6} {r['priority']:>3} {r['weight']:>6g} "
+              f"{r['state']:<13} {when(until):<9} {r['last_error'] or '-':<12} {num(r['remaining_requests']):>8} "
+              f"{num(r['remaining_tokens']):>9}")
     return 0
 
 
@@ -228,7 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--api-key", default=None, help="require this bearer key")
     m.add_argument("--shuffle", action="store_true", help="list answer items in reverse order (indexes stay right)")
     m.add_argument("--floats-only", action="store_true", help="answer float arrays even when asked for base64")
+    m.add_argument("--rpm", type=int, default=0, help="answer 429 beyond this many requests per window")
+    m.add_argument("--tpm", type=int, default=0, help="answer 429 beyond this many tokens per window")
+    m.add_argument("--rate-window-s", type=float, default=60.0, help="the rate limits' window (default 60)")
     m.set_defaults(func=cmd_mock)
+
+    up = sub.add_parser("upstreams", help="each deployment's state in a running proxy (needs PROXY_ADMIN_KEY)")
+    up.add_argument("--url", help="the proxy's base URL (default: http://server.host:server.port)")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=cmd_upstreams)
 
     c = sub.add_parser("check-config", help="validate the configuration, and the Redis stores it names")
     c.set_defaults(func=cmd_check_config)

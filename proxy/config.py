@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .limits import TEAM_RE, Limits
+from .tokens import PUBLISHED_SHA256, TokenizerError, load_hf_tokenizer
 
 DEFAULT_MODELS_TOML = """
 [models."text-embedding-3-small"]
@@ -54,7 +55,12 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
+    # "openai": POST {base_url}/embeddings with `Authorization: Bearer`; "azure": POST
+    # {base_url}/openai/deployments/{upstream_model}/embeddings?api-version={api_version} with an `api-key` header.
+    kind: Literal["openai", "azure"] = "openai"
     base_url: str = "https://api.openai.com/v1"
+    # Azure OpenAI's `api-version` (required with kind = "azure").
+    api_version: str = ""
     # Name of the environment variable that holds this upstream's key (never put the key itself in a file).
     api_key_env: str = "UPSTREAM_API_KEY"
     # One client request may wait this long for the upstream in total, retries included; then 504.
@@ -69,6 +75,27 @@ class UpstreamSettings:
     max_concurrency: int = 64
     # Idle keep-alive connections kept per process.
     pool_size: int = 100
+    # This many consecutive failed attempts on one deployment (5xx, timeout, connection error, malformed answer)
+    # take it out of rotation for cooldown_s; its first call after that decides whether it is back. A model's only
+    # deployment is never taken out: there is nowhere else to send its calls, so they retry as before.
+    allowed_fails: int = 3
+    cooldown_s: float = 30.0
+    # A call the upstream's last x-ratelimit-* headers say will not fit may wait this long for the reset (inside
+    # its deadline) when no other deployment has room; beyond that the proxy answers 429 itself.
+    max_queue_wait_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """One upstream serving a model: `deployments = [{ upstream = "NAME", ... }]` in the model's table."""
+
+    upstream: str
+    # The model name sent upstream (for Azure: the deployment name); empty: the model's `upstream_model`.
+    upstream_model: str = ""
+    # Share of the model's traffic among the healthy deployments of the same priority.
+    weight: float = 1.0
+    # 0 is preferred; a higher priority gets traffic only while no deployment of a lower one can take the call.
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +108,8 @@ class ModelSettings:
     upstream: str = "default"
     # The model name sent upstream (for example an Azure deployment name); defaults to the model's own name.
     upstream_model: str = ""
-    # Tokenizer for local counts: "cl100k_base" (exact for OpenAI embedding models).
+    # Tokenizer for local counts: "cl100k_base" (exact for OpenAI embedding models) or "hf:PATH" (a Hugging Face
+    # tokenizer.json, for self-hosted models; special tokens counted, as TEI and Infinity report usage).
     tokenizer: str = "cl100k_base"
     # Ask the upstream for base64 so vectors stay float32-exact; false for upstreams that only speak float.
     upstream_base64: bool = True
@@ -93,6 +121,10 @@ class ModelSettings:
     max_request_tokens: int = 300_000
     # What the upstream charges, in USD per million tokens: prices the usage ledger and the cache's savings.
     price_per_million_tokens: float = 0.0
+    # Part of every cache key of this model: bump it when the model behind the name changes.
+    cache_revision: str = ""
+    # Where the model is served (see deployments_of); empty: `upstream` (with `upstream_model`) alone.
+    deployments: tuple[DeploymentSettings, ...] = ()
 
 
 RedisType = Literal["single", "cluster", "sentinel"]
@@ -192,10 +224,18 @@ class Settings:
     source: str = "<defaults>"
 
     def upstream_for(self, model: str) -> UpstreamSettings:
-        return self.upstreams[self.models[model].upstream]
+        """The upstream of the model's first deployment (the only one in a single-upstream config)."""
+        return self.upstreams[deployments_of(self.models[model])[0].upstream]
 
-    def upstream_model(self, model: str) -> str:
+    def upstream_model(self, model: str, deployment: DeploymentSettings | None = None) -> str:
+        if deployment is not None and deployment.upstream_model:
+            return deployment.upstream_model
         return self.models[model].upstream_model or model
+
+
+def deployments_of(spec: ModelSettings) -> tuple[DeploymentSettings, ...]:
+    """Where a model is served: its `deployments`, or the one its `upstream` names."""
+    return spec.deployments or (DeploymentSettings(spec.upstream, spec.upstream_model),)
 
 
 def _build(cls: type[Any], raw: Any, where: str, source: str) -> Any:
@@ -263,6 +303,60 @@ def _redis(raw: Any, section: str, env_prefix: str, source: str, env: Mapping[st
     return dataclasses.replace(settings, **changes)
 
 
+def _model(name: str, raw: Any, upstreams: Mapping[str, UpstreamSettings], source: str) -> ModelSettings:
+    where = f"models.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table")
+    raw = dict(raw)
+    deployments_raw = raw.pop("deployments", None)
+    m: ModelSettings = _build(ModelSettings, raw, where, source)
+    if m.dimensions < 1 or m.max_batch_items < 1 or m.max_input_tokens < 1:
+        raise ConfigError(f"{source}: {where}: dimensions and limits must be positive")
+    if deployments_raw is None:
+        deployments = [DeploymentSettings(m.upstream, m.upstream_model)]
+        key = f"{where}.upstream"
+    else:
+        if "upstream" in raw:
+            raise ConfigError(f"{source}: {where}: give either upstream or deployments, not both")
+        if not isinstance(deployments_raw, list) or not deployments_raw:
+            raise ConfigError(f"{source}: {where}.deployments must be a non-empty array of tables")
+        deployments = [_build(DeploymentSettings, d, f"{where}.deployments[{i}]", source)
+                       for i, d in enumerate(deployments_raw)]
+        key = f"{where}.deployments"
+    seen = set()
+    for i, d in enumerate(deployments):
+        at = key if deployments_raw is None else f"{key}[{i}]"
+        if d.upstream not in upstreams:
+            raise ConfigError(f"{source}: {at}.upstream names unknown upstream {d.upstream!r}"
+                              f" (known: {', '.join(sorted(upstreams))})")
+        if d.weight <= 0:
+            raise ConfigError(f"{source}: {at}.weight must be positive, not {d.weight:g}")
+        if d.upstream in seen:
+            raise ConfigError(f"{source}: {at}: upstream {d.upstream!r} is listed twice")
+        seen.add(d.upstream)
+    tokenizer = _tokenizer(m.tokenizer, f"{where}.tokenizer", source)
+    # Left empty for `upstream = "NAME"` (see deployments_of), so such a model reads as it always did.
+    return dataclasses.replace(m, deployments=tuple(deployments) if deployments_raw is not None else (),
+                               tokenizer=tokenizer)
+
+
+def _tokenizer(value: str, key: str, source: str) -> str:
+    """The tokenizer setting with an "hf:" path made absolute (relative paths start at the config file)."""
+    if not value.startswith("hf:"):
+        if value not in PUBLISHED_SHA256:
+            raise ConfigError(f"{source}: {key} must be one of {sorted(PUBLISHED_SHA256)} or \"hf:PATH\", "
+                              f"not {value!r}")
+        return value
+    path = Path(value[3:]).expanduser()
+    if not path.is_absolute() and not source.startswith("<"):
+        path = Path(source).parent / path
+    try:
+        load_hf_tokenizer(str(path))
+    except TokenizerError as exc:
+        raise ConfigError(f"{source}: {key}: {exc}") from exc
+    return f"hf:{path}"
+
+
 def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
     try:
         raw = tomllib.loads(text)
@@ -277,12 +371,14 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
     upstreams.setdefault("default", UpstreamSettings())
     if env.get("UPSTREAM_BASE_URL"):
         upstreams["default"] = dataclasses.replace(upstreams["default"], base_url=env["UPSTREAM_BASE_URL"])
-    models = _tables(models_raw, "models", ModelSettings, source)
-    for name, m in models.items():
-        if m.upstream not in upstreams:
-            raise ConfigError(f"{source}: models.{name}.upstream names unknown upstream {m.upstream!r}")
-        if m.dimensions < 1 or m.max_batch_items < 1 or m.max_input_tokens < 1:
-            raise ConfigError(f"{source}: models.{name}: dimensions and limits must be positive")
+    for name, u in upstreams.items():
+        if u.kind == "azure" and not u.api_version:
+            raise ConfigError(f"{source}: upstreams.{name}.api_version is required with kind = \"azure\"")
+        if u.allowed_fails < 1:
+            raise ConfigError(f"{source}: upstreams.{name}.allowed_fails must be at least 1")
+    if not isinstance(models_raw, dict):
+        raise ConfigError(f"{source}: [models] must be a table of tables")
+    models = {name: _model(name, body, upstreams, source) for name, body in models_raw.items()}
     redis = _redis(raw.get("redis", {}), "redis", "REDIS_", source, env)
     cache_redis = _redis(raw.get("cache_redis", {}), "cache_redis", "CACHE_REDIS_", source, env)
     if cache_redis.allow_evicting_state:

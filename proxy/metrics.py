@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -157,6 +157,41 @@ class Metrics:
             f"{_PREFIX}_quota_window_end_timestamp_seconds", "When the current window of a quota limit ends.",
             ["team", "key_id", "limit"], registry=r, multiprocess_mode="mostrecent",
         )
+        # The fleet: one series per deployment (model, upstream); `upstream` is the [upstreams.NAME] it calls.
+        self.deployment_calls = Counter(
+            f"{_PREFIX}_deployment_calls", "Upstream attempts per deployment, by outcome: ok or the error kind "
+            "(the kinds of upstream_errors_total).", ["model", "upstream", "outcome"], registry=r,
+        )
+        self.deployment_latency = Histogram(
+            f"{_PREFIX}_deployment_latency_seconds", "Time for one upstream attempt, per deployment.",
+            ["model", "upstream"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_cooldown = Gauge(
+            f"{_PREFIX}_deployment_cooling_down", "1 while a deployment is out of rotation after failed calls.",
+            ["model", "upstream"], registry=r, multiprocess_mode="max",
+        )
+        self.upstream_remaining = Gauge(
+            f"{_PREFIX}_deployment_remaining", "What the upstream's last x-ratelimit-remaining-* headers left, "
+            "minus calls sent since (limit: requests or tokens).", ["model", "upstream", "limit"], registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.upstream_failovers = Counter(
+            f"{_PREFIX}_upstream_failovers", "Calls sent to another deployment after an attempt failed, by the "
+            "deployment that failed.", ["model", "upstream"], registry=r,
+        )
+        self.upstream_queue_wait = Histogram(
+            f"{_PREFIX}_upstream_queue_wait_seconds", "Waits for a deployment to come back or for its rate limit "
+            "to reset.", ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_call_requests = Histogram(
+            f"{_PREFIX}_upstream_call_requests", "Calls merged into one upstream call (micro-batching).",
+            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.upstream_call_inputs = Histogram(
+            f"{_PREFIX}_upstream_call_inputs", "Inputs per upstream call, after micro-batching.",
+            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self._flush_hooks: list[Callable[[], None]] = []
         self.build_info = Gauge(
             f"{_PREFIX}_build_info", "Build information (always 1).", ["version", "python"], registry=r,
             multiprocess_mode="max",
@@ -182,6 +217,8 @@ class Metrics:
     def flush(self) -> None:
         """Write what `add` and the in-flight count kept: before every /metrics answer, every second (`run`), and
         at shutdown. With several workers each writes its own share; a scrape sees at most one second's lag."""
+        for hook in self._flush_hooks:
+            hook()
         pending, self._pending = self._pending, {}
         for (metric, labels), amount in pending.items():
             self.child(metric, *labels).inc(amount)
@@ -235,6 +272,23 @@ class Metrics:
     def observe_upstream_error(self, model: str, exc: ProxyError | None) -> None:
         self.upstream_requests.labels(model, "error").inc()
         self.upstream_errors.labels(model, upstream_error_kind(exc)).inc()
+
+    def register_fleet(self, deployments: Iterable[tuple[str, str]], refresh: Callable[[], None]) -> None:
+        """Export each (model, upstream) deployment from the start; `refresh` sets the gauges at every flush."""
+        for model, upstream in deployments:
+            self.child(self.deployment_calls, model, upstream, "ok")
+            self.child(self.upstream_cooldown, model, upstream).set(0)
+            self.child(self.upstream_failovers, model, upstream)
+            self.child(self.upstream_queue_wait, model)
+        self._flush_hooks.append(refresh)
+
+    def observe_deployment(self, model: str, upstream: str, outcome: str, seconds: float) -> None:
+        self.add(self.deployment_calls, model, upstream, outcome)
+        self.child(self.deployment_latency, model, upstream).observe(seconds)
+
+    def observe_merged_call(self, model: str, callers: int, inputs: int) -> None:
+        self.child(self.upstream_call_requests, model).observe(callers)
+        self.child(self.upstream_call_inputs, model).observe(inputs)
 
     def render(self) -> bytes:
         self.flush()

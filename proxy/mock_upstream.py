@@ -1,8 +1,11 @@
 """A deterministic OpenAI-compatible fake embeddings upstream, for tests, demos and benchmarks.
 
-A vector depends only on the model and the input's cl100k_base token ids, so a string and its ids embed alike.
+A vector depends only on the model and the input's cl100k_base token ids, so a string and its ids embed alike
+(a model with a `tokenizer` file counts and embeds by that tokenizer's ids, special tokens included, as TEI does).
 Failures queued with `MockState.fail_next` (or `POST /_mock/fail`) are consumed one per embeddings request; their
 kinds are in mock_faults.py.
+Azure OpenAI's route (`/openai/deployments/{name}/embeddings?api-version=V`, `api-key` header) answers alike, and
+with `rpm`/`tpm` set the mock enforces a rate limit per window and sends OpenAI's x-ratelimit-* headers.
 What it billed (the usage of each answer sent with 200 and no injected failure) is counted in all and per request
 `user` (`MockState.billed`, `GET /_mock/stats`), for tests that compare it with the proxy's ledger.
 """
@@ -14,12 +17,16 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import functools
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+import tokenizers
 import xxhash
 from aiohttp import web
 
@@ -43,6 +50,7 @@ _MALFORMED = object()  # stands for a body that is not JSON
 class MockModel:
     dimensions: int
     supports_dimensions: bool
+    tokenizer: str | None = None  # a Hugging Face tokenizer.json: text is counted and embedded by its ids
 
 
 def _default_models() -> dict[str, MockModel]:
@@ -58,6 +66,12 @@ class MockSettings:
     shuffle: bool = False  # return `data` in reversed order (indexes stay correct)
     floats_only: bool = False  # answer float arrays even when asked for base64, as some compatible servers do
     models: dict[str, MockModel] = dataclasses.field(default_factory=_default_models)
+    # Azure route: deployment name -> model (a deployment named like a model serves that model).
+    azure_deployments: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Rate limits per window (0: none), counted over requests that were answered (429s are not counted).
+    rpm: int = 0
+    tpm: int = 0
+    rate_window_s: float = 60.0
 
 
 class MockState:
@@ -77,6 +91,12 @@ class MockState:
         self.bodies: list[dict[str, Any]] = []
         self.pending: collections.deque[Failure] = collections.deque()
         self.huge_body_sent = 0  # bytes of "huge_body" answers the client took before it hung up
+        self.last_path: str | None = None  # path and query of the last embeddings request
+        self.last_api_key: str | None = None  # its `api-key` header (Azure)
+        self.rate_limited = 0  # 429s sent for the rpm/tpm limit
+        self.window_start = -math.inf
+        self.window_requests = 0
+        self.window_tokens = 0
 
     def fail_next(self, mode: str, times: int = 1, status: int = 500, retry_after: float | str | None = None,
                   retry_after_ms: str | None = None) -> None:
@@ -179,7 +199,19 @@ def _parse_request(body: Any, models: dict[str, MockModel]) -> tuple[str, list[l
             raise _Invalid(f"The model `{model}` does not support specifying dimensions.", "dimensions")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _Invalid("Invalid 'user': must be a string.", "user")
-    return model, _parse_input(body["input"]), fmt == "base64", dims
+    ids = _parse_input(body["input"])
+    if spec.tokenizer is not None:
+        raw = body["input"]
+        texts = [raw] if isinstance(raw, str) else raw
+        if not all(isinstance(t, str) for t in texts):
+            raise _Invalid(f"The model `{model}` takes text only.", "input")
+        ids = [e.ids for e in _hf(spec.tokenizer).encode_batch(texts, add_special_tokens=True)]
+    return model, ids, fmt == "base64", dims
+
+
+@functools.cache
+def _hf(path: str) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_file(path)
 
 
 def _embedding_item(index: int, vec: npt.NDArray[np.float32], b64: bool) -> dict[str, Any]:
@@ -218,16 +250,67 @@ async def _injected(request: web.Request, failure: Failure) -> web.StreamRespons
     return None
 
 
-async def _embeddings(request: web.Request) -> web.StreamResponse:
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format (`1s`, `6m0s`, `850ms`), rounded up so a client that trusts it is never early."""
+    ms = math.ceil(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms / 1000, 60)
+    return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
+
+
+def _rate_limit(state: MockState, settings: MockSettings, tokens: int) -> tuple[bool, dict[str, str]]:
+    """Whether a call of `tokens` fits the current window (and is counted), and the headers to send."""
+    if not settings.rpm and not settings.tpm:
+        return True, {}
+    now = time.monotonic()
+    if now >= state.window_start + settings.rate_window_s:
+        state.window_start, state.window_requests, state.window_tokens = now, 0, 0
+    fits = (not settings.rpm or state.window_requests + 1 <= settings.rpm) and (
+        not settings.tpm or state.window_tokens + tokens <= settings.tpm)
+    if fits:
+        state.window_requests += 1
+        state.window_tokens += tokens
+    reset = _duration(state.window_start + settings.rate_window_s - now)
+    headers = {}
+    for name, limit, used in (("requests", settings.rpm, state.window_requests),
+                              ("tokens", settings.tpm, state.window_tokens)):
+        if limit:
+            headers[f"x-ratelimit-limit-{name}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{name}"] = str(max(0, limit - used))
+            headers[f"x-ratelimit-reset-{name}"] = reset
+    return fits, headers
+
+
+async def _azure_embeddings(request: web.Request) -> web.StreamResponse:
+    """Azure OpenAI: the deployment in the path, `api-version` required, the key in `api-key`."""
+    settings = request.app[MOCK_SETTINGS]
+    deployment = request.match_info["deployment"]
+    model = settings.azure_deployments.get(deployment, deployment)
+    if not request.query.get("api-version"):
+        return _error(404, "Resource not found")  # what Azure answers without api-version
+    if model not in settings.models:
+        return _error(404, "The API deployment for this resource does not exist.", code="DeploymentNotFound")
+    return await _embeddings(request, azure_model=model)
+
+
+async def _embeddings(request: web.Request, azure_model: str | None = None) -> web.StreamResponse:
     state, settings = request.app[MOCK_STATE], request.app[MOCK_SETTINGS]
     state.requests += 1
     state.last_authorization = request.headers.get("Authorization")
-    if (denied := _check_auth(request, settings)) is not None:
+    state.last_api_key = request.headers.get("api-key")
+    state.last_path = request.path_qs
+    if azure_model is not None:
+        if settings.api_key is not None and state.last_api_key != settings.api_key:
+            return _error(401, "Access denied due to invalid subscription key.", code="401")
+    elif (denied := _check_auth(request, settings)) is not None:
         return denied
     try:
         body: Any = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         body = _MALFORMED
+    if isinstance(body, dict) and azure_model is not None:
+        body = {"model": azure_model, **body}  # Azure's body names no model: the path does
     if isinstance(body, dict):
         state.bodies.append(body)
         del state.bodies[:-KEPT_BODIES]
@@ -243,6 +326,11 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
         model, ids, b64, dims = _parse_request(body, settings.models)
     except _Invalid as exc:
         return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+    fits, rate_headers = _rate_limit(state, settings, sum(map(len, ids)))
+    if not fits:
+        state.rate_limited += 1
+        return _error(429, "Rate limit reached for requests.", type_="requests", code="rate_limit_exceeded",
+                      headers=rate_headers)
     vectors = [vector_for(model, t, settings.models[model].dimensions, dims) for t in ids]
     if mode == "wrong_count":
         vectors.pop()
@@ -263,7 +351,7 @@ async def _embeddings(request: web.Request) -> web.StreamResponse:
     payload = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if mode == "huge_body":
         return await _huge_body(request, payload)
-    return web.Response(body=payload, content_type=_JSON)
+    return web.Response(body=payload, content_type=_JSON, headers=rate_headers)
 
 
 async def _huge_body(request: web.Request, body: bytes) -> web.StreamResponse:
@@ -321,6 +409,7 @@ def create_mock_app(settings: MockSettings | None = None) -> web.Application:
     get_encoding(ENCODING)  # load the BPE ranks (cached) now rather than during the first request
     app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/openai/deployments/{deployment}/embeddings", _azure_embeddings)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/_mock/stats", _stats)
     app.router.add_post("/_mock/reset", _stats)

@@ -21,7 +21,8 @@
 
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
-the UTF-8 text) or `t` (payload: the token ids as little-endian uint32).
+the UTF-8 text) or `t` (payload: the token ids as little-endian uint32). A model with a `cache_revision` hashes
+`model NUL revision` where `model` stands: bumping it leaves every old entry of the model unread.
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ def seed_from_secret(secret: str) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str) -> Any:
+def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str, revision: str = "") -> Any:
     # The hasher after the (model, dimensions, kind) prefix, shared by requests alike: callers only copy it.
-    return xxhash.xxh3_128(f"{model}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
+    # A model's cache_revision goes after the model's name; without one the prefix is as it always was.
+    name = f"{model}\0{revision}" if revision else model
+    return xxhash.xxh3_128(f"{name}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
 
 
 class DigestBuilder:
     """Content hashes of one request's inputs: the (model, dimensions, kind) prefix is hashed once."""
 
-    def __init__(self, seed: int, model: str, dimensions: int | None, kind: str) -> None:
-        self._base = _prefix_state(seed, model, dimensions, kind)
+    def __init__(self, seed: int, model: str, dimensions: int | None, kind: str, revision: str = "") -> None:
+        self._base = _prefix_state(seed, model, dimensions, kind, revision)
 
     def text(self, value: str) -> str:
         h = self._base.copy()

@@ -106,6 +106,11 @@ def parse_request(body: bytes, models: Mapping[str, ModelSettings]) -> Embedding
     if "input" not in data:
         raise InvalidRequest("You must provide an input parameter.", param="input")
     kind, inputs = parse_inputs(data["input"], spec.max_input_tokens)
+    if kind == "t" and spec.tokenizer.startswith("hf:"):
+        raise _input_error(
+            f"'{model}' takes text only: token ids are cl100k's and mean nothing to this model's vocabulary. "
+            "Send the text itself (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))."
+        )
     fmt = data.get("encoding_format")
     if fmt is None:
         fmt = "float"

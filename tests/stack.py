@@ -95,7 +95,9 @@ def start_mock(workdir: Path) -> tuple[Server, str]:
     port = free_port()
     d = workdir / "mock"
     d.mkdir()
-    server = Server([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port)], base_env(), d)
+    # generous rate limits: the mock sends x-ratelimit-* headers (the remaining-capacity panel reads them)
+    server = Server([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port), "--rpm", "1000000",
+                     "--tpm", "1000000000"], base_env(), d)
     wait_http(f"http://127.0.0.1:{port}/_mock/stats", server.proc)
     return server, f"http://127.0.0.1:{port}"
 

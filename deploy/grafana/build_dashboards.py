@@ -82,6 +82,31 @@ OVERVIEW: Spec = [
         f"sum by (reason) (rate(embedding_proxy_upstream_retries_total[{RI}]))", "{{reason}}")]),
     ("timeseries", "Upstream latency (retries included)", "s",
      _quantiles("embedding_proxy_upstream_latency_seconds", "model", (0.5, 0.99))),
+    # the fleet: one series per deployment (model, upstream)
+    ("timeseries", "Deployments cooling down (1: out of rotation)", "short", [_q(
+        "max by (model, upstream) (embedding_proxy_deployment_cooling_down)", "{{model}} {{upstream}}")],
+     {"min": 0, "max": 1}),
+    ("timeseries", "Upstream attempts per deployment by outcome", "reqps", [_q(
+        f"sum by (upstream, outcome) (rate(embedding_proxy_deployment_calls_total[{RI}]))",
+        "{{upstream}} {{outcome}}")]),
+    ("timeseries", "Deployment latency (one attempt)", "s",
+     _quantiles("embedding_proxy_deployment_latency_seconds", "upstream", (0.5, 0.99))),
+    ("timeseries", "Failovers by the deployment that failed", "reqps", [_q(
+        f"sum by (model, upstream) (rate(embedding_proxy_upstream_failovers_total[{RI}]))",
+        "{{model}} {{upstream}}")]),
+    ("timeseries", "Remaining upstream capacity (x-ratelimit headers)", "short", [_q(
+        "min by (model, upstream, limit) (embedding_proxy_deployment_remaining)", "{{upstream}} {{limit}}")]),
+    ("timeseries", "Waits for a deployment (rate limit reset or cooldown)", "short", [
+        _q(f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_count[{RI}]))", "{{model}} waits/s"),
+        _q(f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_sum[{RI}]))",
+           "{{model}} seconds waited/s"),
+    ]),
+    ("timeseries", "Micro-batching: requests and inputs per upstream call", "short", [
+        *[{**q, "legend": "requests " + q["legend"]}
+          for q in _quantiles("embedding_proxy_upstream_call_requests", qs=(0.5, 0.95))],
+        *[{**q, "legend": "inputs " + q["legend"]}
+          for q in _quantiles("embedding_proxy_upstream_call_inputs", qs=(0.5, 0.95))],
+    ]),
     ("timeseries", "Cache lookups by result", "ops", [_q(
         f"sum by (result) (rate(embedding_proxy_cache_lookups_total[{RI}]))", "{{result}}")]),
     ("timeseries", "Redis errors by operation", "ops", [

@@ -1,0 +1,130 @@
+"""Micro-batching: misses of concurrent requests for the same model travel upstream together.
+
+Calls are grouped in lanes by (model, dimensions, user, text or token ids): what one upstream body can carry. A call
+on an idle lane goes at once (a lone request never waits). While a lane has a call in flight, new calls wait and
+join the next one, which leaves when a call of the lane finishes, or at once when it is full (the model's
+`max_batch_items` / `max_batch_tokens`). Under load this turns N concurrent single-input misses into a handful of
+upstream calls, each answered as fast as the upstream answers one.
+
+Each caller gets exactly its own rows of the merged answer and its own slice of the per-input token counts (which
+add up to the upstream's usage for the merged call). A merged call that fails fails every caller it carried, except
+an upstream 400: one caller's input may be what the upstream refused, so each caller is then tried alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequest
+from ..upstream import UpstreamResult
+
+Served = tuple[UpstreamResult, str]  # the vectors and counts, and the upstream that answered
+Call = Callable[[str, list[str] | list[list[int]], list[int], int | None, str | None], Awaitable[Served]]
+LaneKey = tuple[str, int | None, str | None, bool]
+
+
+@dataclass(slots=True)
+class _Part:
+    inputs: list[str] | list[list[int]]
+    counts: Sequence[int]
+    future: asyncio.Future[Served]
+
+
+@dataclass(slots=True)
+class _Lane:
+    in_flight: int = 0
+    pending: list[_Part] = field(default_factory=list)
+    items: int = 0
+    tokens: int = 0
+
+
+class MicroBatcher:
+    def __init__(
+        self, call: Call, limits: Callable[[str], tuple[int, int]],
+        on_call: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        """`call` makes one upstream call; `limits(model)` is (max items, max tokens) per call; `on_call(model,
+        callers, inputs)` sees every call made."""
+        self._call = call
+        self._limits = limits
+        self._on_call = on_call
+        self._lanes: dict[LaneKey, _Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(
+        self, model: str, inputs: list[str] | list[list[int]], counts: Sequence[int], dimensions: int | None,
+        user: str | None,
+    ) -> Served:
+        key = (model, dimensions, user, isinstance(inputs[0], str))
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        part = _Part(inputs, counts, asyncio.get_running_loop().create_future())
+        if not lane.in_flight and not lane.pending:  # idle lane: go now, in the caller's own task
+            lane.in_flight += 1
+            await self._run(key, lane, [part])
+            return part.future.result()
+        max_items, max_tokens = self._limits(model)
+        tokens = sum(counts)
+        if lane.pending and (lane.items + len(inputs) > max_items or lane.tokens + tokens > max_tokens):
+            self._dispatch(key, lane)  # the waiting call is full: it goes now, beside the one in flight
+        lane.pending.append(part)
+        lane.items += len(inputs)
+        lane.tokens += tokens
+        return await part.future
+
+    def _dispatch(self, key: LaneKey, lane: _Lane) -> None:
+        parts, lane.pending, lane.items, lane.tokens = lane.pending, [], 0, 0
+        lane.in_flight += 1
+        task = asyncio.create_task(self._run(key, lane, parts))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: LaneKey, lane: _Lane, parts: list[_Part]) -> None:
+        try:
+            await self._serve(key, parts)
+        finally:
+            lane.in_flight -= 1
+            if lane.pending:
+                self._dispatch(key, lane)
+            elif not lane.in_flight and self._lanes.get(key) is lane:
+                del self._lanes[key]  # lanes are keyed by user strings too: keep only busy ones
+
+    async def _serve(self, key: LaneKey, parts: list[_Part]) -> None:
+        model, dimensions, user, _ = key
+        if len(parts) == 1:
+            inputs, counts = parts[0].inputs, list(parts[0].counts)
+        else:
+            inputs = [item for p in parts for item in p.inputs]  # type: ignore[assignment]
+            counts = [n for p in parts for n in p.counts]
+        if self._on_call is not None:
+            self._on_call(model, len(parts), len(inputs))
+        try:
+            result, served = await self._call(model, inputs, counts, dimensions, user)
+        except InvalidRequest as exc:
+            if len(parts) > 1:
+                await asyncio.gather(*(self._serve(key, [p]) for p in parts))
+                return
+            _fail(parts, exc)
+            return
+        except asyncio.CancelledError:
+            for p in parts:
+                p.future.cancel()
+            raise
+        except Exception as exc:
+            _fail(parts, exc)
+            return
+        start = 0
+        for p in parts:
+            end = start + len(p.inputs)
+            if not p.future.done():
+                p.future.set_result((UpstreamResult(result.vectors[start:end], result.tokens[start:end]), served))
+            start = end
+
+
+def _fail(parts: list[_Part], exc: Exception) -> None:
+    for p in parts:
+        if not p.future.done():
+            p.future.set_exception(exc)
