@@ -45,6 +45,9 @@ class LocalCache:
     def put(self, key: str, entry: Entry) -> None:
         if key in self._entries:
             return
+        if isinstance(entry.vector, memoryview) and not isinstance(entry.vector.obj, bytes):
+            # a view into a whole batch's decode buffer: kept as it is, one entry would hold all of them alive
+            entry = Entry(bytes(entry.vector), entry.tokens)
         size = len(entry.vector) + _OVERHEAD
         if size > self.max_bytes:
             return

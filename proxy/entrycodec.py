@@ -1,0 +1,146 @@
+"""The value of one cache entry in Redis (its key: rediskeys.py, the `emb:v2` namespace), losslessly packed.
+
+    packed form (vectors of 64 floats or more):  0xA2 | head (233 bytes) | floats 64.. raw | token count (4 bytes)
+    raw form (anything else):                    0xB2 | every float raw                    | token count (4 bytes)
+
+Floats are little-endian float32, the token count a little-endian uint32. The head holds the first 64 floats in
+233 bytes instead of 256. A float's top byte is its sign and the top 7 bits of its exponent (its "level"); in an
+embedding the levels of 64 floats lie within 16 of each other (magnitudes within 2^32). Head: the lowest level
+(1 byte), the 64 signs (8 bytes; bit i of byte j is float 8j+i), each level minus the lowest (4 bits; float 2j in
+the low nibble of byte j), bytes 0-1 of every float (128 bytes), byte 2 of every float (64 bytes): planes of 2 and
+1 bytes, which numpy interleaves at memory speed (3-byte groups are many times slower). The raw form is for
+vectors under 64 floats and heads that do not pack (levels more than 15 apart: a zero or subnormal among normal
+values, a NaN or inf, magnitudes spread over more than 2^32).
+
+Why only 64 floats: Redis allocates a value in jemalloc's size classes (..., 5,120, 6,144, 7,168 bytes, ...). A
+1536-d vector is exactly 6,144 bytes, so with any header its value lands in the 7,168 class; 22 bytes less puts it
+in the 6,144 one (`MEMORY USAGE` 7,256 -> 6,232 B), and likewise for 256, 3072 and other multiples of 64 dims.
+Packing every float this way (29 bits a float, 5,572 B for 1536-d) lands in the same class while its decode costs
+about three times as much; the 5,120 class would need about the entropy of a real vector (26.5 bits a float),
+out of reach of a vectorized decode. Nothing is lost: every bit of every float and the count come back.
+
+A value is decoded only as the dimensions it was written for (its tag and length fix them). No length of either
+form equals the previous layout's (4 + 4 x dims): a value of that layout is never mis-read, wherever it is found.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+HEAD = 64  # floats packed at the front of a vector
+_HEAD_BYTES = 4 * HEAD
+_PACKED = 1 + HEAD // 8 + HEAD // 2 + 3 * HEAD  # 233: lowest level, signs, level offsets, bytes 0-1, byte 2
+_SIGNS, _CODES, _LOW, _B2 = 1, 1 + HEAD // 8, 1 + HEAD // 8 + HEAD // 2, 1 + HEAD // 8 + HEAD // 2 + 2 * HEAD
+_GAP = _HEAD_BYTES - 1 - _PACKED  # what a packed value is shorter than its vector plus the count
+PACKED_TAG, RAW_TAG = 0xA2, 0xB2
+_COUNT = struct.Struct("<I")
+# byte of two 4-bit codes -> the two codes as two bytes (little-endian uint16)
+_NIBBLES = np.array([(b & 15) | (b >> 4) << 8 for b in range(256)], dtype="<u2")
+# byte of 8 sign bits -> 8 bytes, each 0x80 or 0 (little-endian uint64)
+_SIGN_BYTES = np.array([sum(((b >> i) & 1) << (8 * i + 7) for i in range(8)) for b in range(256)], dtype="<u8")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    # little-endian float32. Read from the cache it is a view: into the value read (raw form) or into the buffer
+    # a batch was decoded into (packed form); the in-process tier keeps its own copy of the latter.
+    vector: bytes | memoryview
+    tokens: int
+
+
+def _pack_heads(vectors: Sequence[bytes | memoryview]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """The packed heads (one row per vector) and whether each vector's head packs at all."""
+    heads = np.frombuffer(b"".join([v[:_HEAD_BYTES] for v in vectors]), dtype=np.uint8).reshape(-1, HEAD, 4)
+    top = heads[:, :, 3]
+    level = top & 0x7F
+    lowest = level.min(axis=1)
+    fits = level.max(axis=1) - lowest <= 15
+    codes = level - lowest[:, None]
+    out = np.empty((len(heads), _PACKED), dtype=np.uint8)
+    out[:, 0] = lowest
+    out[:, _SIGNS:_CODES] = np.packbits(top >> 7, axis=1, bitorder="little")
+    out[:, _CODES:_LOW] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    out[:, _LOW:_B2] = heads[:, :, :2].reshape(-1, 2 * HEAD)
+    out[:, _B2:] = heads[:, :, 2]
+    return out, fits
+
+
+def _unpack_heads(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The heads' floats as little-endian float32 bytes, one row per vector."""
+    heads = np.empty((len(packed), HEAD, 4), dtype=np.uint8)
+    top = _NIBBLES[packed[:, _CODES:_LOW]].view(np.uint8)
+    top += packed[:, :1]
+    top |= _SIGN_BYTES[packed[:, _SIGNS:_CODES]].view(np.uint8)
+    heads.view("<u2")[:, :, 0] = np.ascontiguousarray(packed[:, _LOW:_B2]).view("<u2")
+    heads[:, :, 2] = packed[:, _B2:]
+    heads[:, :, 3] = top
+    return heads.reshape(len(packed), _HEAD_BYTES)
+
+
+def encode_entries(entries: Sequence[Entry]) -> list[bytes]:
+    """The stored values of `entries` (any mix of sizes): the heads of a batch are packed together."""
+    at = [i for i, e in enumerate(entries) if len(e.vector) >= _HEAD_BYTES]
+    heads: dict[int, bytes] = {}
+    if at:
+        packed, fits = _pack_heads([entries[i].vector for i in at])
+        heads = {i: packed[j].tobytes() for j, i in enumerate(at) if fits[j]}
+    packed_tag, raw_tag, count = bytes((PACKED_TAG,)), bytes((RAW_TAG,)), _COUNT.pack
+    values: list[bytes] = []
+    for i, e in enumerate(entries):
+        head = heads.get(i)
+        if head is not None:
+            values.append(b"".join((packed_tag, head, memoryview(e.vector)[_HEAD_BYTES:], count(e.tokens))))
+        else:
+            values.append(b"".join((raw_tag, e.vector, count(e.tokens))))
+    return values
+
+
+def encode_entry(entry: Entry) -> bytes:
+    return encode_entries([entry])[0]
+
+
+def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | None]:
+    """One entry per value; None where the value is missing or not an entry of `dims` floats (a miss).
+
+    The packed values of a batch are decoded together, in place: joined with a gap before each, every one becomes
+    its vector followed by its count, the head unpacked over gap, tag and packed head (numpy, one pass per plane
+    for the whole batch); no per-entry copy."""
+    out: list[Entry | None] = [None] * len(values)
+    width = 4 * dims
+    raw_size, packed_size = width + 5, width + 4 - _GAP
+    packed: list[bytes] = []
+    at: list[int] = []
+    unpack = _COUNT.unpack_from
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        n = len(v)
+        if n == packed_size and v[0] == PACKED_TAG and dims >= HEAD:
+            packed.append(v)
+            at.append(i)
+        elif n == raw_size and v[0] == RAW_TAG:
+            out[i] = Entry(memoryview(v)[1:width + 1], unpack(v, width + 1)[0])
+    if packed:
+        stride = width + 4
+        buf = bytearray(_GAP).join([b"", *packed])
+        rows = np.frombuffer(buf, dtype=np.uint8).reshape(len(packed), stride)
+        rows[:, :_HEAD_BYTES] = _unpack_heads(rows[:, _GAP + 1:_HEAD_BYTES])
+        counts = rows[:, width:].copy().view("<u4").ravel().tolist()
+        view = memoryview(buf)
+        for j, i in enumerate(at):
+            out[i] = Entry(view[j * stride:j * stride + width], counts[j])
+    return out
+
+
+def decode_entry(value: bytes, dims: int) -> Entry | None:
+    """The entry, or None when the value is not a well-formed `dims`-sized entry (treated as a miss)."""
+    return decode_entries([value], dims)[0]
+
+
+__all__ = ["HEAD", "PACKED_TAG", "RAW_TAG", "Entry", "decode_entries", "decode_entry", "encode_entries",
+           "encode_entry"]
