@@ -105,9 +105,10 @@ class EmbeddingCache:
                     read.future.set_exception(StoreUnavailable(f"redis mget failed: {failure}"))
 
     async def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        values = encode_entries([entry for _, entry in items])  # outside the call: not part of its time limit
+
         async def write(r: object) -> None:
             pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
-            values = encode_entries([entry for _, entry in items])
             for (key, _), value in zip(items, values, strict=True):
                 # execute_command skips set()'s option parsing: 20-28% less proxy CPU per written entry
                 pipe.execute_command("SET", key, value, "EX", self._ttl)
