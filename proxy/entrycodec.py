@@ -1,7 +1,7 @@
 """The value of one cache entry in Redis (its key: rediskeys.py, the `emb:v2` namespace), losslessly packed.
 
-    packed form (vectors of 64 floats or more):  0xA2 | head (233 bytes) | floats 64.. raw | token count (4 bytes)
-    raw form (anything else):                    0xB2 | every float raw                    | token count (4 bytes)
+    packed form (vectors of 64 floats or more):  0xA2 | token count (4 bytes) | head (233 bytes) | floats 64.. raw
+    raw form (anything else):                    0xB2 | token count (4 bytes) | every float raw
 
 Floats are little-endian float32, the token count a little-endian uint32. The head holds the first 64 floats in
 233 bytes instead of 256. A float's top byte is its sign and the top 7 bits of its exponent (its "level"); in an
@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +37,8 @@ HEAD = 64  # floats packed at the front of a vector
 _HEAD_BYTES = 4 * HEAD
 _PACKED = 1 + HEAD // 8 + HEAD // 2 + 3 * HEAD  # 233: lowest level, signs, level offsets, bytes 0-1, byte 2
 _SIGNS, _CODES, _LOW, _B2 = 1, 1 + HEAD // 8, 1 + HEAD // 8 + HEAD // 2, 1 + HEAD // 8 + HEAD // 2 + 2 * HEAD
-_GAP = _HEAD_BYTES - 1 - _PACKED  # what a packed value is shorter than its vector plus the count
+_FRONT = 1 + 4 + _PACKED  # tag, count, packed head
+_GAP = _HEAD_BYTES - _FRONT  # 18: what a packed value is shorter than its vector
 PACKED_TAG, RAW_TAG = 0xA2, 0xB2
 _COUNT = struct.Struct("<I")
 # byte of two 4-bit codes -> the two codes as two bytes (little-endian uint16)
@@ -70,16 +72,18 @@ def _pack_heads(vectors: Sequence[bytes | memoryview]) -> tuple[npt.NDArray[np.u
     return out, fits
 
 
-def _unpack_heads(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """The heads' floats as little-endian float32 bytes, one row per vector."""
-    heads = np.empty((len(packed), HEAD, 4), dtype=np.uint8)
+def _unpack_heads(rows: npt.NDArray[np.uint8]) -> None:
+    """Unpack each row's head, found after its gap, tag and count, over the row's first 256 bytes."""
+    packed = rows[:, _GAP + 5:_HEAD_BYTES]
     top = _NIBBLES[packed[:, _CODES:_LOW]].view(np.uint8)
     top += packed[:, :1]
     top |= _SIGN_BYTES[packed[:, _SIGNS:_CODES]].view(np.uint8)
-    heads.view("<u2")[:, :, 0] = np.ascontiguousarray(packed[:, _LOW:_B2]).view("<u2")
-    heads[:, :, 2] = packed[:, _B2:]
+    low = packed[:, _LOW:_B2].copy().view("<u2")
+    b2 = packed[:, _B2:].copy()
+    heads = rows[:, :_HEAD_BYTES].reshape(len(rows), HEAD, 4)  # a view: written only once everything is read
+    heads.view("<u2")[:, :, 0] = low
+    heads[:, :, 2] = b2
     heads[:, :, 3] = top
-    return heads.reshape(len(packed), _HEAD_BYTES)
 
 
 def encode_entries(entries: Sequence[Entry]) -> list[bytes]:
@@ -94,9 +98,9 @@ def encode_entries(entries: Sequence[Entry]) -> list[bytes]:
     for i, e in enumerate(entries):
         head = heads.get(i)
         if head is not None:
-            values.append(b"".join((packed_tag, head, memoryview(e.vector)[_HEAD_BYTES:], count(e.tokens))))
+            values.append(b"".join((packed_tag, count(e.tokens), head, memoryview(e.vector)[_HEAD_BYTES:])))
         else:
-            values.append(b"".join((raw_tag, e.vector, count(e.tokens))))
+            values.append(b"".join((raw_tag, count(e.tokens), e.vector)))
     return values
 
 
@@ -107,12 +111,19 @@ def encode_entry(entry: Entry) -> bytes:
 def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | None]:
     """One entry per value; None where the value is missing or not an entry of `dims` floats (a miss).
 
-    The packed values of a batch are decoded together, in place: joined with a gap before each, every one becomes
-    its vector followed by its count, the head unpacked over gap, tag and packed head (numpy, one pass per plane
-    for the whole batch); no per-entry copy."""
-    out: list[Entry | None] = [None] * len(values)
+    The packed values of a batch are decoded together, in place: joined with an 18-byte gap before each, they
+    become the batch's vectors back to back once each head is unpacked over its gap, tag, count and packed head
+    (a few numpy passes over the batch's heads). The join is the one copy; entries are views into it."""
     width = 4 * dims
-    raw_size, packed_size = width + 5, width + 4 - _GAP
+    packed_size = width - _GAP
+    if dims >= HEAD and values and None not in values:  # the usual batch: every value packed, one fast path
+        present = cast("Sequence[bytes]", values)
+        if set(map(len, present)) == {packed_size}:
+            every = _decode_packed(present, width)
+            if every is not None:
+                return every
+    out: list[Entry | None] = [None] * len(values)
+    raw_size = width + 5
     packed: list[bytes] = []
     at: list[int] = []
     unpack = _COUNT.unpack_from
@@ -124,16 +135,26 @@ def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | No
             packed.append(v)
             at.append(i)
         elif n == raw_size and v[0] == RAW_TAG:
-            out[i] = Entry(memoryview(v)[1:width + 1], unpack(v, width + 1)[0])
+            out[i] = Entry(memoryview(v)[5:], unpack(v, 1)[0])
     if packed:
-        stride = width + 4
-        buf = bytearray(_GAP).join([b"", *packed])
-        rows = np.frombuffer(buf, dtype=np.uint8).reshape(len(packed), stride)
-        rows[:, :_HEAD_BYTES] = _unpack_heads(rows[:, _GAP + 1:_HEAD_BYTES])
-        counts = rows[:, width:].copy().view("<u4").ravel().tolist()
-        view = memoryview(buf)
-        for j, i in enumerate(at):
-            out[i] = Entry(view[j * stride:j * stride + width], counts[j])
+        entries = _decode_packed(packed, width)
+        assert entries is not None  # every tag was checked
+        for i, e in zip(at, entries, strict=True):
+            out[i] = e
+    return out
+
+
+def _decode_packed(values: Sequence[bytes], width: int) -> list[Entry | None] | None:
+    """Entries of packed values of one size; None if any of them does not carry the packed tag."""
+    buf = bytearray(_GAP).join([b"", *values])
+    rows = np.frombuffer(buf, dtype=np.uint8).reshape(len(values), width)
+    if not (rows[:, _GAP] == PACKED_TAG).all():
+        return None
+    counts = rows[:, _GAP + 1:_GAP + 5].copy().view("<u4").ravel().tolist()
+    _unpack_heads(rows)
+    view = memoryview(buf)
+    out: list[Entry | None] = [Entry(view[at:at + width], n) for at, n in zip(range(0, len(buf), width), counts,
+                                                                                strict=True)]
     return out
 
 

@@ -26,7 +26,7 @@ async def test_set_many_writes_layout_with_ttl_and_get_many_reads_it(redis_serve
     vec = np.arange(4, dtype="<f4").tobytes()
     try:
         await cache.set_many([("ep:emb:v2:s:a", Entry(vec, 9)), ("ep:emb:v2:s:b", Entry(memoryview(vec), 1))])
-        assert await client.get("ep:emb:v2:s:a") == b"\xb2" + vec + b"\x09\x00\x00\x00"
+        assert await client.get("ep:emb:v2:s:a") == b"\xb2\x09\x00\x00\x00" + vec
         assert 1230 <= await client.ttl("ep:emb:v2:s:b") <= 1234
         got, _ = await cache.get_many(["ep:emb:v2:s:a", "ep:emb:v2:s:x", "ep:emb:v2:s:b"], 4)
         assert [None if e is None else (bytes(e.vector), e.tokens) for e in got] == [(vec, 9), None, (vec, 1)]

@@ -84,6 +84,11 @@ def test_wrong_sizes_garbage_and_none_are_misses() -> None:
     got = decode_entries(values, 256)
     assert got[0] is not None and got[-1] is not None
     assert got[1:-1] == [None] * 6
+    fast = decode_entries([packed, packed], 256)  # all present and of one size: the batch path
+    assert fast[0] is not None and fast[0] == fast[1] and fast[0].tokens == 5
+    assert bytes(fast[0].vector) == v.tobytes()
+    retagged = decode_entries([packed, b"\xb2" + packed[1:]], 256)  # one of them is not packed after all
+    assert retagged[0] == fast[0] and retagged[1] is None
     assert decode_entries([packed, raw], 255) == [None, None]  # the same values read as another size
     assert decode_entries([packed, raw], 257) == [None, None]
 

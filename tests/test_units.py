@@ -47,7 +47,7 @@ def test_digest_is_seeded_xxh3_128_of_documented_layout() -> None:
 def test_cache_entry_layout() -> None:
     vec = np.array([0.5, -1.25, 3.0], dtype="<f4").tobytes()
     raw = encode_entry(Entry(vec, 7))
-    assert raw == b"\xb2" + vec + b"\x07\x00\x00\x00"  # under 64 floats: the raw form
+    assert raw == b"\xb2\x07\x00\x00\x00" + vec  # under 64 floats: the raw form
     assert decode_entry(raw, 3) == Entry(vec, 7)
     assert decode_entry(raw, 4) is None  # wrong size: treated as a miss
     assert decode_entry(raw[:-1], 3) is None
