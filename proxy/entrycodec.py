@@ -41,6 +41,15 @@ _FRONT = 1 + 4 + _PACKED  # tag, count, packed head
 _GAP = _HEAD_BYTES - _FRONT  # 18: what a packed value is shorter than its vector
 PACKED_TAG, RAW_TAG = 0xA2, 0xB2
 _COUNT = struct.Struct("<I")
+_SMALL = 4  # batches up to this size are packed and unpacked in plain Python: numpy's fixed cost is ~12 us a call
+_AT = 5  # where the packed head starts in a value: after tag and count
+# translate() tables for the plain-Python path
+_LEVEL = bytes(b & 0x7F for b in range(256))
+_SIGN_BIT = bytes(b >> 7 for b in range(256))
+_MINUS = [bytes((b - lowest) & 0xFF for b in range(256)) for lowest in range(128)]
+_LOW_NIBBLE_PLUS = [bytes(((b & 15) + lowest) & 0x7F for b in range(256)) for lowest in range(128)]
+_HIGH_NIBBLE_PLUS = [bytes(((b >> 4) + lowest) & 0x7F for b in range(256)) for lowest in range(128)]
+_SIGNS_OF = [bytes(0x80 * ((b >> i) & 1) for i in range(8)) for b in range(256)]
 # byte of two 4-bit codes -> the two codes as two bytes (little-endian uint16)
 _NIBBLES = np.array([(b & 15) | (b >> 4) << 8 for b in range(256)], dtype="<u2")
 # byte of 8 sign bits -> 8 bytes, each 0x80 or 0 (little-endian uint64)
@@ -86,13 +95,50 @@ def _unpack_heads(rows: npt.NDArray[np.uint8]) -> None:
     heads[:, :, 3] = top
 
 
+def _pack_head(vector: bytes | memoryview) -> bytes | None:
+    """One vector's packed head, or None if it does not pack: `_pack_heads` in plain Python, byte for byte."""
+    head = bytes(memoryview(vector)[:_HEAD_BYTES])
+    top = head[3::4]
+    level = top.translate(_LEVEL)
+    lowest = min(level)
+    if max(level) - lowest > 15:
+        return None
+    codes = level.translate(_MINUS[lowest])
+    nibbles = int.from_bytes(codes[0::2], "little") | int.from_bytes(codes[1::2], "little") << 4
+    bits = top.translate(_SIGN_BIT)
+    signs = sum(int.from_bytes(bits[k::8], "little") << k for k in range(8))
+    low = bytearray(2 * HEAD)
+    low[0::2] = head[0::4]
+    low[1::2] = head[1::4]
+    return b"".join((bytes((lowest,)), signs.to_bytes(HEAD // 8, "little"), nibbles.to_bytes(HEAD // 2, "little"),
+                     low, head[2::4]))
+
+
+def _unpack_one(value: bytes) -> Entry:
+    """One packed value's entry: `_decode_packed` in plain Python, for a few values (its own bytes)."""
+    lowest, codes = value[_AT], value[_AT + _CODES:_AT + _LOW]
+    level = bytearray(HEAD)
+    level[0::2] = codes.translate(_LOW_NIBBLE_PLUS[lowest])
+    level[1::2] = codes.translate(_HIGH_NIBBLE_PLUS[lowest])
+    signs = b"".join([_SIGNS_OF[b] for b in value[_AT + _SIGNS:_AT + _CODES]])
+    top = (int.from_bytes(level, "little") | int.from_bytes(signs, "little")).to_bytes(HEAD, "little")
+    head = bytearray(_HEAD_BYTES)
+    head[0::4] = value[_AT + _LOW:_AT + _B2:2]
+    head[1::4] = value[_AT + _LOW + 1:_AT + _B2:2]
+    head[2::4] = value[_AT + _B2:_FRONT]
+    head[3::4] = top
+    return Entry(bytes(head) + memoryview(value)[_FRONT:], _COUNT.unpack_from(value, 1)[0])
+
+
 def encode_entries(entries: Sequence[Entry]) -> list[bytes]:
     """The stored values of `entries` (any mix of sizes): the heads of a batch are packed together."""
     at = [i for i, e in enumerate(entries) if len(e.vector) >= _HEAD_BYTES]
-    heads: dict[int, bytes] = {}
-    if at:
+    heads: dict[int, bytes | None] = {}
+    if len(at) > _SMALL:
         packed, fits = _pack_heads([entries[i].vector for i in at])
         heads = {i: packed[j].tobytes() for j, i in enumerate(at) if fits[j]}
+    else:
+        heads = {i: _pack_head(entries[i].vector) for i in at}
     packed_tag, raw_tag, count = bytes((PACKED_TAG,)), bytes((RAW_TAG,)), _COUNT.pack
     values: list[bytes] = []
     for i, e in enumerate(entries):
@@ -116,7 +162,7 @@ def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | No
     (a few numpy passes over the batch's heads). The join is the one copy; entries are views into it."""
     width = 4 * dims
     packed_size = width - _GAP
-    if dims >= HEAD and values and None not in values:  # the usual batch: every value packed, one fast path
+    if dims >= HEAD and len(values) > _SMALL and None not in values:  # the usual batch: all packed, one path
         present = cast("Sequence[bytes]", values)
         if set(map(len, present)) == {packed_size}:
             every = _decode_packed(present, width)
@@ -136,11 +182,14 @@ def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | No
             at.append(i)
         elif n == raw_size and v[0] == RAW_TAG:
             out[i] = Entry(memoryview(v)[5:], unpack(v, 1)[0])
-    if packed:
+    if len(packed) > _SMALL:
         entries = _decode_packed(packed, width)
         assert entries is not None  # every tag was checked
         for i, e in zip(at, entries, strict=True):
             out[i] = e
+    else:
+        for i, v in zip(at, packed, strict=True):
+            out[i] = _unpack_one(v)
     return out
 
 

@@ -51,7 +51,8 @@ def test_every_float32_bit_and_the_count_come_back(dims: int) -> None:
     vecs = [*normalized(rng, 8, dims), *adversarial(rng, dims)]
     counts = [COUNTS[i % len(COUNTS)] for i in range(len(vecs))]
     entries = [Entry(v.tobytes(), c) for v, c in zip(vecs, counts, strict=True)]
-    values = encode_entries(entries)
+    values = encode_entries(entries)  # a batch: numpy packs the heads together
+    assert [encode_entries([e])[0] for e in entries] == values  # one at a time: plain Python, the same bytes
     decoded = decode_entries(values, dims)  # one batch: packed and raw values mixed
     assert all(same_bits(d, v, c) for d, v, c in zip(decoded, vecs, counts, strict=True))
     assert all(same_bits(decode_entry(x, dims), v, c) for x, v, c in zip(values, vecs, counts, strict=True))
@@ -84,11 +85,11 @@ def test_wrong_sizes_garbage_and_none_are_misses() -> None:
     got = decode_entries(values, 256)
     assert got[0] is not None and got[-1] is not None
     assert got[1:-1] == [None] * 6
-    fast = decode_entries([packed, packed], 256)  # all present and of one size: the batch path
-    assert fast[0] is not None and fast[0] == fast[1] and fast[0].tokens == 5
-    assert bytes(fast[0].vector) == v.tobytes()
-    retagged = decode_entries([packed, b"\xb2" + packed[1:]], 256)  # one of them is not packed after all
-    assert retagged[0] == fast[0] and retagged[1] is None
+    fast = decode_entries([packed] * 6, 256)  # more than a few, all present and of one size: the batch path
+    assert fast[0] is not None and fast[0] == fast[5] and fast[0].tokens == 5
+    assert bytes(fast[0].vector) == v.tobytes() and isinstance(fast[0].vector, memoryview)
+    retagged = decode_entries([packed] * 5 + [b"\xb2" + packed[1:]], 256)  # the last one is not packed after all
+    assert retagged[:5] == fast[:5] and retagged[5] is None
     assert decode_entries([packed, raw], 255) == [None, None]  # the same values read as another size
     assert decode_entries([packed, raw], 257) == [None, None]
 
@@ -111,7 +112,7 @@ def test_encode_refuses_a_count_that_does_not_fit() -> None:
 def test_the_in_process_tier_keeps_its_own_copy_of_a_batch_decoded_entry() -> None:
     """Packed values of a batch are decoded into one buffer; an entry kept in process must not hold it alive."""
     rng = np.random.default_rng(2)
-    vecs = normalized(rng, 3, 1536)
+    vecs = normalized(rng, 8, 1536)
     decoded = decode_entries(encode_entries([Entry(v.tobytes(), 1) for v in vecs]), 1536)
     assert decoded[0] is not None and isinstance(decoded[0].vector, memoryview)
     local = LocalCache(10 * 1024 * 1024, 60)
