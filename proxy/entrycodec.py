@@ -58,8 +58,8 @@ _SIGN_BYTES = np.array([sum(((b >> i) & 1) << (8 * i + 7) for i in range(8)) for
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    # little-endian float32. Read from the cache it is a view: into the value read (raw form) or into the buffer
-    # a batch was decoded into (packed form); the in-process tier keeps its own copy of the latter.
+    # little-endian float32. Read from the cache: a view into the value read (raw form), into the one buffer a
+    # batch of more than 4 was decoded into (the in-process tier keeps its own copy), or its own bytes.
     vector: bytes | memoryview
     tokens: int
 
@@ -159,7 +159,8 @@ def decode_entries(values: Sequence[bytes | None], dims: int) -> list[Entry | No
 
     The packed values of a batch are decoded together, in place: joined with an 18-byte gap before each, they
     become the batch's vectors back to back once each head is unpacked over its gap, tag, count and packed head
-    (a few numpy passes over the batch's heads). The join is the one copy; entries are views into it."""
+    (a few numpy passes over the batch's heads). The join is the one copy; entries are views into it. Up to 4 are
+    decoded one by one in plain Python."""
     width = 4 * dims
     packed_size = width - _GAP
     if dims >= HEAD and len(values) > _SMALL and None not in values:  # the usual batch: all packed, one path
