@@ -1,31 +1,23 @@
 """The embedding cache: one Redis string per (model, dimensions, kind, input).
 
-Value layout: 4-byte little-endian token count, then the vector as little-endian float32. A whole batch is read
-with one MGET (the MGETs of concurrent requests share one pipeline; on a cluster one MGET per hash slot, see
-stores/slots.py) and written with one pipeline of SET ... EX (on a cluster, grouped per node by redis-py).
+Values are packed losslessly by entrycodec.py (6,126 bytes for a 1536-d entry instead of 6,148: one jemalloc size
+class less). A whole batch is read with one MGET (the MGETs of concurrent requests share one pipeline; on a cluster
+one MGET per hash slot, see stores/slots.py) and written with one pipeline of SET ... EX (on a cluster, grouped per
+node by redis-py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .entrycodec import Entry, decode_entries, decode_entry, encode_entries, encode_entry
 from .rediskeys import RedisKeys, seed_from_secret
 from .store import Store, StoreUnavailable
 from .stores.slots import mget_batches
-
-_HEADER = struct.Struct("<I")
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    # little-endian float32; read from the cache it is a view into the MGET reply (no copy per entry)
-    vector: bytes | memoryview
-    tokens: int
 
 
 class ReadFailed(StoreUnavailable):
@@ -44,17 +36,6 @@ class _Read:
     keys: Sequence[str]
     also: Callable[[Any], None] | None
     future: asyncio.Future[list[Any]]  # its replies: the MGET's, then those of what `also` queued
-
-
-def encode_entry(entry: Entry) -> bytes:
-    return _HEADER.pack(entry.tokens) + entry.vector
-
-
-def decode_entry(value: bytes, dims: int) -> Entry | None:
-    """The entry, or None when the value is not a well-formed `dims`-sized entry (treated as a miss)."""
-    if len(value) != _HEADER.size + 4 * dims:
-        return None
-    return Entry(memoryview(value)[_HEADER.size :], _HEADER.unpack_from(value)[0])
 
 
 class EmbeddingCache:
@@ -106,11 +87,7 @@ class EmbeddingCache:
         values, *extra = await future
         if isinstance(values, Exception):
             raise ReadFailed(f"redis mget failed: {values}", extra)
-        size, unpack, at = _HEADER.size + 4 * dims, _HEADER.unpack_from, _HEADER.size
-        # Inlined decode_entry: this runs once per input of every request (2048 for a full batch).
-        entries = [Entry(memoryview(v)[at:], unpack(v)[0]) if v is not None and len(v) == size else None
-                   for v in values]
-        return entries, extra
+        return decode_entries(values, dims), extra
 
     def _send_reads(self) -> None:
         reads, self._reads = self._reads, []
@@ -153,11 +130,13 @@ class EmbeddingCache:
                     read.future.set_exception(ReadFailed(f"redis mget failed: {failure}", sent=sent))
 
     async def set_many(self, items: Sequence[tuple[str, Entry]]) -> None:
+        values = encode_entries([entry for _, entry in items])  # outside the call: not part of its time limit
+
         async def write(r: object) -> None:
             pipe = r.pipeline(transaction=False)  # type: ignore[attr-defined]
-            for key, entry in items:
+            for (key, _), value in zip(items, values, strict=True):
                 # execute_command skips set()'s option parsing: 20-28% less proxy CPU per written entry
-                pipe.execute_command("SET", key, encode_entry(entry), "EX", self._ttl)
+                pipe.execute_command("SET", key, value, "EX", self._ttl)
             await pipe.execute()
 
         await self._store.call("set", write)

@@ -1,7 +1,7 @@
 """Every Redis key the proxy uses, built in one place. Pure functions; the README documents the formats.
 
-    {prefix}:emb:s:{digest}            cache entry, shared scope
-    {prefix}:emb:t:{team}:{digest}     cache entry, per-team scope
+    {prefix}:emb:v2:s:{digest}         cache entry, shared scope (value: entrycodec.py)
+    {prefix}:emb:v2:t:{team}:{digest}  cache entry, per-team scope
     {prefix}:key:{sha256(key)}         hash: one gateway key's record (the key itself is never stored)
     {prefix}:keyid:{key_id}            string: sha256 of the key with that id
     {prefix}:keys                      sorted set: key ids by creation time
@@ -18,6 +18,9 @@
                                        hash: that ledger hash's flush marks, writer id -> last batch applied;
                                        the hash tag is the ledger key itself, so both share a Cluster slot
     {prefix}:usage-teams               set: teams with ledger entries
+
+`v2` is the entry layout's version: a version that cannot read a layout never reads its keys. The first layout
+(4-byte count + raw vector) lived under `{prefix}:emb:s:` and `{prefix}:emb:t:`; those are never read any more.
 
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
@@ -71,7 +74,7 @@ class RedisKeys:
 
     def cache_namespace(self, team: str | None) -> str:
         """Prefix of cache keys: `team` None means the shared scope."""
-        return f"{self.prefix}:emb:s:" if team is None else f"{self.prefix}:emb:t:{team}:"
+        return f"{self.prefix}:emb:v2:s:" if team is None else f"{self.prefix}:emb:v2:t:{team}:"
 
     def key_record(self, key_hash: str) -> str:
         return f"{self.prefix}:key:{key_hash}"

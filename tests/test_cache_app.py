@@ -55,7 +55,7 @@ async def test_instances_without_a_secret_adopt_the_stored_one_and_share_entries
     stored = redis_server.client().get("ep:meta:cache-secret")
     assert stored
     digest = DigestBuilder(seed_from_secret(stored.decode()), MODEL, None, "s")
-    assert set(redis_server.client().keys("ep:emb:*")) == {f"ep:emb:s:{digest.text(t)}".encode()
+    assert set(redis_server.client().keys("ep:emb:*")) == {f"ep:emb:v2:s:{digest.text(t)}".encode()
                                                              for t in ("from a", "from b")}
     upstream.state.reset()
     resp = await b.embed(key_b, {"model": MODEL, "input": ["from a", "from b"]})

@@ -87,7 +87,7 @@ async def test_cache_reads_are_views_and_bad_sizes_are_misses() -> None:
     class FakeRedis:
         async def mget(self, keys: list[str]) -> list[bytes | None]:
             vec = np.arange(3, dtype="<f4").tobytes()
-            return [b"\x02\x00\x00\x00" + vec, None, b"\x02\x00\x00\x00" + vec[:-1]]
+            return [b"\xb2\x02\x00\x00\x00" + vec, None, b"\xb2\x02\x00\x00\x00" + vec[:-1]]
 
     cache = EmbeddingCache(FakeStore(), RedisKeys(), ttl_s=60, secret="s")  # type: ignore[arg-type]
     got, _ = await cache.get_many(["a", "b", "c"], 3)

@@ -22,8 +22,8 @@ from proxy.upstream import parse_retry_after, split_usage
 
 def test_redis_key_formats_are_literal() -> None:
     k = RedisKeys("ep")
-    assert k.cache_namespace(None) == "ep:emb:s:"
-    assert k.cache_namespace("search") == "ep:emb:t:search:"
+    assert k.cache_namespace(None) == "ep:emb:v2:s:"
+    assert k.cache_namespace("search") == "ep:emb:v2:t:search:"
     assert k.key_record("ab12") == "ep:key:ab12"
     assert k.key_id("key_0011") == "ep:keyid:key_0011"
     assert k.key_index() == "ep:keys"
@@ -47,7 +47,7 @@ def test_digest_is_seeded_xxh3_128_of_documented_layout() -> None:
 def test_cache_entry_layout() -> None:
     vec = np.array([0.5, -1.25, 3.0], dtype="<f4").tobytes()
     raw = encode_entry(Entry(vec, 7))
-    assert raw == b"\x07\x00\x00\x00" + vec
+    assert raw == b"\xb2\x07\x00\x00\x00" + vec  # under 64 floats: the raw form
     assert decode_entry(raw, 3) == Entry(vec, 7)
     assert decode_entry(raw, 4) is None  # wrong size: treated as a miss
     assert decode_entry(raw[:-1], 3) is None
