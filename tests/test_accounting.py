@@ -123,14 +123,14 @@ async def test_a_cancelled_request_gives_back_only_the_tokens_that_were_not_bill
     upstream.settings.latency_ms = 300
     service, quotas, models = p.app[SERVICE], p.app[QUOTAS], p.app[SERVICE]._settings.models
 
-    async def start(text: str) -> asyncio.Task[Any]:
-        req = parse_request(orjson.dumps({"model": MODEL, "input": [text], "user": "alpha"}), models)
+    async def start(text: str, user: str) -> asyncio.Task[Any]:
+        req = parse_request(orjson.dumps({"model": MODEL, "input": [text], "user": user}), models)
         return asyncio.create_task(service.embed(req, record, await quotas.ticket(record), Trace()))
 
-    failing = await start(X)
+    failing = await start(X, "alpha")
     await until(lambda: upstream.state.requests == 1)
     upstream.state.fail_next("status", status=500)  # the first call's answer, after its request is cancelled
-    billed = await start(Z)
+    billed = await start(Z, "alpha-z")  # another `user`: a call of its own now, not micro-batched after X's
     await until(lambda: upstream.state.requests == 2)
     r = redis_server.client()
     assert counted(r, "alpha") == 3 + 4  # both reserved
@@ -142,7 +142,7 @@ async def test_a_cancelled_request_gives_back_only_the_tokens_that_were_not_bill
     await flushed(p)
     assert counted(r, "alpha") == 4  # X's reservation given back, Z's billed tokens kept
     assert ledger(r, "alpha") == {"requests": 0, "upstream_tokens": 4, "cached_tokens": 0, "failed_tokens": 4}
-    assert dict(upstream.state.billed) == {"alpha": 4}
+    assert dict(upstream.state.billed) == {"alpha-z": 4}
 
 
 async def test_a_quota_reply_is_kept_when_only_the_cache_read_beside_it_failed(

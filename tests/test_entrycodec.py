@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from proxy.entrycodec import HEAD, PACKED_TAG, RAW_TAG, Entry, decode_entries, decode_entry, encode_entries
-from proxy.localcache import LocalCache
+from proxy.localcache import LocalCache, entry_cost
 from proxy.mock_upstream import vector_for
 
 DIMS = [*range(1, 80), 96, 127, 128, 255, 256, 257, 384, 512, 768, 1000, 1024, 1536, 2048, 3071, 3072]
@@ -120,4 +120,4 @@ def test_the_in_process_tier_keeps_its_own_copy_of_a_batch_decoded_entry() -> No
     kept = local.get("k")
     assert kept is not None and isinstance(kept.vector, bytes)
     assert kept.vector == vecs[0].tobytes() and kept.tokens == 1
-    assert local.bytes == 6144 + 200
+    assert local.bytes == entry_cost("k", kept.vector)  # its own bytes, not the batch's buffer

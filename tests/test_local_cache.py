@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import METRICS, SERVICE
-from proxy.cache import Entry, decode_entry
+from proxy.cache import Entry, decode_entry, encode_entry
 from proxy.localcache import LocalCache, entry_cost
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import Clock, assert_same_vectors, direct, vectors
@@ -88,7 +88,7 @@ def cache_key(n: int) -> str:
 
 def redis_value(n: int, dims: int) -> bytes:
     vector = struct.pack("<f", 0.1 + n / 7) * dims  # floats of about 10 digits when rendered
-    return struct.pack("<I", n % 600) + vector  # token counts small and large
+    return encode_entry(Entry(vector, n % 600))  # token counts small and large, in the cache's own layout
 
 
 def fill_tiny(cache: LocalCache) -> None:
