@@ -43,3 +43,23 @@ async def test_metrics_port_survives_an_expect_header_that_is_not_utf8() -> None
         scrape = await raw_http(port, _get(b"/metrics", b"\xff"))
     assert scrape is not None
     assert scrape.status < 500, (scrape.status, scrape.body[:100])
+
+
+ADMIN = "break9-admin-0123456789"
+
+
+async def test_usage_report_survives_a_model_name_with_a_bar(make_proxy: Any, upstream: Upstream,
+                                                             redis_url: str) -> None:
+    """Model names are free-form config keys, but the ledger's field is `key_id|model|metric` and the report
+    splits it with `split("|")` into exactly three: one request for a model named `search|small` and every
+    /admin/usage report covering that team and day is a 500 (ValueError) from then on."""
+    config = ('[models."search|small"]\ndimensions = 1536\nupstream_model = "text-embedding-3-small"\n'
+              "price_per_million_tokens = 0.02\n")
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, config, PROXY_ADMIN_KEY=ADMIN))
+    key = await proxy.new_key("search")
+    resp = await proxy.embed(key, {"model": "search|small", "input": ["hello"]})
+    assert resp.status == 200, await resp.text()
+    report = await proxy.client.get("/admin/usage?by=model", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert report.status == 200, await report.text()
+    rows = (await report.json())["data"]
+    assert [(r["model"], r["requests"], r["upstream_tokens"]) for r in rows] == [("search|small", 1, 1)]
