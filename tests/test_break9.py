@@ -63,3 +63,19 @@ async def test_usage_report_survives_a_model_name_with_a_bar(make_proxy: Any, up
     assert report.status == 200, await report.text()
     rows = (await report.json())["data"]
     assert [(r["model"], r["requests"], r["upstream_tokens"]) for r in rows] == [("search|small", 1, 1)]
+
+
+async def test_a_key_limited_to_a_model_with_a_comma_can_use_it(make_proxy: Any, upstream: Upstream,
+                                                                 redis_url: str) -> None:
+    """A key's `models` are stored joined with ',' and split on ',' when read: a key created (201) for a
+    configured model named `small,v2` reads back as allowed `small` and `v2`, and is refused (403) on the model
+    it was created for."""
+    config = ('[models."small,v2"]\ndimensions = 1536\nupstream_model = "text-embedding-3-small"\n'
+              "price_per_million_tokens = 0.02\n")
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url, config, PROXY_ADMIN_KEY=ADMIN))
+    created = await proxy.client.post("/admin/keys", json={"team": "search", "models": ["small,v2"]},
+                                      headers={"Authorization": f"Bearer {ADMIN}"})
+    assert created.status == 201, await created.text()
+    key = (await created.json())["key"]
+    resp = await proxy.embed(key, {"model": "small,v2", "input": ["hello"]})
+    assert resp.status == 200, await resp.text()
