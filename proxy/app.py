@@ -297,11 +297,12 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 
 def create_metrics_app(m: Metrics, token: str) -> web.Application:
-    """/metrics alone, for `serve --metrics-port` (not exposed with the API)."""
-    app = web.Application()
+    """/metrics alone, for `serve --metrics-port` (not exposed with the API); errors in OpenAI's shape, as there."""
+    app = web.Application(middlewares=[error_middleware])
     app[METRICS], app[METRICS_TOKEN] = m, token
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
+    add_unknown_route(app)
     return app
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from . import __version__
 from .config import ConfigError, Settings, load
 from .operate import add_limit_flags, cmd_keys, cmd_teams, cmd_usage, parse_day, parse_duration
+from .routing import quiet_parser_errors
 
 log = logging.getLogger("proxy.cli")
 
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(level: str) -> None:
     """Text logs on stderr (the access log is JSON lines on stdout, written by accesslog.AccessLog)."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_parser_errors()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

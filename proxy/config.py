@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -303,8 +304,16 @@ def _redis(raw: Any, section: str, env_prefix: str, source: str, env: Mapping[st
     return dataclasses.replace(settings, **changes)
 
 
+# Model names go into ledger fields (`key|model|metric`), key records (`a,b`) and metric labels.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
+
+
 def _model(name: str, raw: Any, upstreams: Mapping[str, UpstreamSettings], source: str) -> ModelSettings:
     where = f"models.{name}"
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise ConfigError(f"{source}: [{where}]: a model name is 1-128 characters of A-Z, a-z, 0-9 and . _ : / @ + = "
+                          "-, starting with a letter or digit (no spaces, '|' or ',': the ledger and key records use "
+                          "them)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{where}] must be a table")
     raw = dict(raw)

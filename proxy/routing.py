@@ -8,7 +8,10 @@ paths reach `unknown_route` instead of aiohttp's built-in 404/405, so their expe
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import MethodNotAllowed, NotFound
 
@@ -35,3 +38,25 @@ async def unknown_route(request: web.Request) -> web.StreamResponse:
 def add_unknown_route(app: web.Application) -> None:
     """Last: the catch-all is tried after every other route."""
     app.router.add_route("*", "/{path:.*}", unknown_route, name=UNMATCHED, expect_handler=expect_continue)
+
+
+class ParserErrorFilter(logging.Filter):
+    """aiohttp logs an ERROR with a traceback for every request it cannot parse (a NUL in the request line, an
+    unsupported Content-Encoding, an over-long header...), before any middleware: any client could flood the logs.
+    Such a record becomes one DEBUG line naming the error; the client got aiohttp's 400 all the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "unparseable request refused with 400 (%s)", (type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)  # handlers do not check levels again
+        return True
+
+
+def quiet_parser_errors() -> None:
+    """Install ParserErrorFilter on aiohttp's server logger (once per process; `serve` and its workers)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ParserErrorFilter) for f in logger.filters):
+        logger.addFilter(ParserErrorFilter())

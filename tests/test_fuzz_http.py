@@ -103,6 +103,8 @@ ROUTES = [
     (b"GET", b"/admin/teams/{team}", False), (b"PUT", b"/admin/teams/{team}", True),
     (b"DELETE", b"/admin/teams/{team}", True), (b"GET", b"/admin/usage", False), (b"GET", b"/healthz", False),
     (b"GET", b"/readyz", False), (b"GET", b"/metrics", False), (b"GET", b"/nowhere", False),
+    (b"GET", b"/admin/ui", False), (b"GET", b"/admin/ui/", False), (b"GET", b"/admin/ui/app.js", False),
+    (b"GET", b"/admin/ui/nothing", False),
 ]
 
 

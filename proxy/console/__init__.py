@@ -12,6 +12,9 @@ from importlib import resources
 
 from aiohttp import web
 
+from ..errors import NotFound
+from ..routing import expect_continue
+
 PATH = "/admin/ui/"
 _FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
           "favicon.svg": "image/svg+xml"}
@@ -55,14 +58,14 @@ async def _index(request: web.Request) -> web.Response:
 async def _file(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = request.app[FILES].get(name)
-    if body is None:
-        return _answer(404, b"Not found.\n", "text/plain")
+    if body is None:  # only the fixed files: no path reaches the file system
+        raise NotFound("No such console file.", code="unknown_url")
     return _answer(200, body, _FILES[name])
 
 
 def add_routes(app: web.Application) -> None:
     here = resources.files(__name__)
     app[FILES] = {name: (here / name).read_bytes() for name in _FILES}
-    app.router.add_get(PATH.rstrip("/"), _redirect, name="console-redirect")
-    app.router.add_get(PATH, _index, name="console-index")
-    app.router.add_get(PATH + "{name}", _file, name="console-file")
+    app.router.add_get(PATH.rstrip("/"), _redirect, name="console-redirect", expect_handler=expect_continue)
+    app.router.add_get(PATH, _index, name="console-index", expect_handler=expect_continue)
+    app.router.add_get(PATH + "{name}", _file, name="console-file", expect_handler=expect_continue)
