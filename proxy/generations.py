@@ -110,15 +110,17 @@ class CacheGenerations:
         self._merge(found)
 
     def _merge(self, found: dict[str, int]) -> None:
+        first = self._gens is None  # the first read: purges made before this process started, not news
         gens = self._gens if self._gens is not None else {}
         changed = [f for f, n in found.items() if n > gens.get(f, 0)]
         for f in changed:
             gens[f] = found[f]
-        if self._gens is None or changed:
+        if first or changed:
             self._gens = gens
             self._tokens.clear()
-        for f in changed:
-            log.info("cache purge in force: %s generation %d", f, gens[f])
+        if not first:
+            for f in changed:
+                log.info("cache purge in force: %s generation %d", f, gens[f])
 
     def announced(self, data: bytes) -> None:
         """A purge published by any process: `{generation} {field}`."""
