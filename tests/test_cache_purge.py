@@ -16,7 +16,10 @@ import xxhash
 
 from proxy.admin import CACHE
 from proxy.app import LEDGER, SERVICE
+from proxy.config import ConfigError, RedisSettings, parse
+from proxy.generations import CacheGenerations
 from proxy.rediskeys import DigestBuilder, RedisKeys
+from proxy.store import Store, in_process_redis
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import until
 from tests.redis_servers import Cluster
@@ -61,6 +64,29 @@ def test_the_generation_is_hashed_after_the_model_and_revision() -> None:
         f"{SMALL}\0\0g2\0" "0\0s\0hello".encode(), seed=seed).hexdigest()
     assert DigestBuilder(seed, SMALL, 256, "s", "r1", "3.1").text("hello") == xxhash.xxh3_128(
         f"{SMALL}\0r1\0g3.1\0" "256\0s\0hello".encode(), seed=seed).hexdigest()
+
+
+async def test_generations_only_grow_whatever_order_news_arrives_in() -> None:
+    store = Store(in_process_redis(), RedisSettings(), embedded=True)
+    gens = CacheGenerations(store, RedisKeys(), [SMALL, LARGE], "team")
+    assert gens.token(SMALL, None) is None  # unknown until read: the cache is bypassed
+    await store.client.hset("ep:cache-gen", f"m:{SMALL}", 1)
+    await gens.refresh()
+    assert gens.token(SMALL, None) == "1" and gens.token(LARGE, None) == ""
+    gens.announced(f"3 m:{SMALL}".encode())
+    assert gens.token(SMALL, None) == "3" and gens.token(SMALL, "alpha") == "3"
+    gens.announced(f"2 m:{SMALL}".encode())  # an older purge's message, late
+    await gens.refresh()  # a read that raced the newest message
+    assert gens.token(SMALL, None) == "3"
+    gens.announced(f"1 t:alpha:{SMALL}".encode())
+    assert gens.token(SMALL, "alpha") == "3.1" and gens.token(SMALL, "beta") == "3"
+    gens.announced(b"not a purge")
+    assert gens.generations() == {f"m:{SMALL}": 3, f"t:alpha:{SMALL}": 1}
+
+
+def test_the_reread_interval_has_a_floor() -> None:
+    with pytest.raises(ConfigError, match=r"x.toml: cache.generations_refresh_s must be at least 0.1"):
+        parse("[cache]\ngenerations_refresh_s = 0\n", "x.toml", {})
 
 
 # --- purges across instances -----------------------------------------------------------------------------------
@@ -233,8 +259,7 @@ async def test_stats_per_team_under_the_team_scope_and_a_shared_store(
 
 async def test_stats_estimate_from_a_sample_beyond_the_scan_limit(redis_url: str) -> None:
     from proxy.cachestats import SAMPLE, SCAN_LIMIT, StoreRef, store_stats
-    from proxy.config import RedisSettings
-    from proxy.store import Store, connect
+    from proxy.store import connect
 
     raw = redis.Redis.from_url(redis_url)
     pipe = raw.pipeline(transaction=False)
