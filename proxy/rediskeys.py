@@ -48,7 +48,7 @@ def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str, revi
                   generation: str = "") -> Any:
     # The hasher after the (model, dimensions, kind) prefix, shared by requests alike: callers only copy it.
     # A model's cache_revision, then its purge generation, go after the model's name; without either the prefix
-    # is as it always was (no purge never changes a key).
+    # is as it always was (a model never purged keeps its keys).
     name = f"{model}\0{revision}" if revision else model
     if generation:
         name = f"{model}\0{revision}\0g{generation}"
