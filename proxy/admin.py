@@ -15,6 +15,8 @@
     GET  /admin/usage?since=D&until=D[&team=T][&by=key|model|day][&format=json|csv]
     GET  /admin/upstreams                 each deployment's state in the process that answers (health, cooldown,
                                           last error, remaining requests and tokens by the upstream's headers)
+    GET  /admin/cache                     entries and memory per cache server, hit ratios, purge generations
+    POST /admin/cache/purge               {model, team?}: that model's cached vectors are never served again
 
 Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
 behind these routes make operator calls (`redis.operator_timeout_s`, never marking Redis down for requests).
@@ -27,16 +29,21 @@ import datetime as dt
 import hmac
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 from aiohttp import web
 
 from .body import read_json_object
+from .cachestats import StoreRef, cache_stats
 from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from .fleet import FleetClient
+from .generations import CacheGenerations, PurgeRefused
 from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, secret_bytes
 from .limits import Limits, check_team
+from .rediskeys import RedisKeys
 from .routing import expect_continue
 from .store import StoreUnavailable
 from .teams import TeamStore
@@ -50,6 +57,18 @@ ADMIN_KEY = web.AppKey("admin_key", str)
 PRICES: web.AppKey[dict[str, float]] = web.AppKey("admin_prices")
 MODELS: web.AppKey[frozenset[str]] = web.AppKey("admin_models")
 FLEET = web.AppKey("admin_fleet", FleetClient)
+
+
+@dataclass(frozen=True)
+class CacheAdmin:
+    stores: tuple[StoreRef, ...]  # where the entries live (every master of each)
+    keys: RedisKeys
+    generations: CacheGenerations
+    ledger: UsageLedger
+    process: Callable[[], dict[str, Any]]  # the answering process's own lookups and in-process tier
+
+
+CACHE = web.AppKey("admin_cache", CacheAdmin)
 
 
 def check_admin(request: web.Request) -> None:
@@ -259,3 +278,36 @@ async def upstreams(request: web.Request) -> web.Response:
 def add_fleet_routes(app: web.Application, fleet: FleetClient) -> None:
     app[FLEET] = fleet
     app.router.add_get("/admin/upstreams", upstreams, expect_handler=expect_continue)
+
+
+async def cache(request: web.Request) -> web.Response:
+    c = request.app[CACHE]
+    with contextlib.suppress(StoreUnavailable):
+        await c.ledger.flush(wait_s=REPORT_FLUSH_WAIT_S)  # this process's latest hits too
+    body = await cache_stats(c.stores, c.keys, c.generations, c.ledger, request.app[PRICES], parse_day(None, "day"))
+    body["process"] = c.process()
+    return _json(body)
+
+
+async def purge_cache(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    _allowed(body, {"model", "team"})
+    model, team = body.get("model"), body.get("team")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required: the model whose cached vectors to purge.", param="model")
+    if team is not None and not isinstance(team, str):
+        raise InvalidRequest("'team' must be a team name, or null for every team.", param="team")
+    generations = request.app[CACHE].generations
+    try:
+        done = await generations.purge(model, team or None)
+    except PurgeRefused as exc:
+        raise InvalidRequest(exc.message, param=exc.param,
+                             code="model_not_found" if exc.param == "model" else None) from None
+    return _json({"object": "cache.purge", "model": done.model, "team": done.team, "generation": done.generation,
+                  "scope": "team" if generations.team_scope else "shared"})
+
+
+def add_cache_routes(app: web.Application, admin: CacheAdmin) -> None:
+    app[CACHE] = admin
+    app.router.add_get("/admin/cache", cache, expect_handler=expect_continue)
+    app.router.add_post("/admin/cache/purge", purge_cache, expect_handler=expect_continue)

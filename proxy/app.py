@@ -24,10 +24,12 @@ import orjson
 from aiohttp import web
 
 from .accesslog import AccessLog, AccessRecord, access_line, error_code
-from .admin import add_fleet_routes, check_admin
+from .admin import CacheAdmin, add_cache_routes, add_fleet_routes, check_admin
 from .admin import add_routes as add_admin_routes
+from .announcements import Channel, listen
 from .body import read_body
 from .cache import EmbeddingCache
+from .cachestats import StoreRef, process_stats
 from .config import Settings
 from .console import add_routes as add_console_routes
 from .console import is_console
@@ -41,6 +43,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .fleet import SERVED_BY, FleetClient
+from .generations import CacheGenerations
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
@@ -331,7 +334,8 @@ def create_app(
     cache = EmbeddingCache(cache_store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret, state=store)
     tokenizers = {spec.tokenizer: make_tokenizer(spec.tokenizer) for spec in settings.models.values()}
     ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
-    service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock)
+    generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope)
+    service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock, generations=generations)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[CACHE_STORE] = cache_store
     app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
@@ -351,11 +355,16 @@ def create_app(
         await upstream.start()
         try:
             await cache.seed()
+            await generations.refresh()
         except StoreUnavailable:
             log.warning("redis unreachable at start-up: the cache is bypassed until it answers")
+        channels = [Channel(rkeys.key_changes(), auth.key_changed, subscribed=auth.forget, lost=auth.forget),
+                    Channel(rkeys.cache_generation_changes(), generations.announced, subscribed=generations.stale,
+                            lost=lambda: None)]  # while unsubscribed, the periodic re-read catches purges up
         background = [
             asyncio.create_task(ledger.run(settings.usage.flush_interval_s)),
-            asyncio.create_task(auth.listen(store.subscriber, rkeys.key_changes(), settings.redis.retry_interval_s)),
+            asyncio.create_task(listen(store.subscriber, channels, settings.redis.retry_interval_s)),
+            asyncio.create_task(generations.run(settings.cache.generations_refresh_s)),
             asyncio.create_task(access_log.run()),
             asyncio.create_task(m.run()),
         ]
@@ -388,6 +397,10 @@ def create_app(
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
     add_admin_routes(app, keystore, teams, ledger, settings.admin_key, prices)
     add_fleet_routes(app, upstream)
+    cache_stores = ((StoreRef("state and cache", store, settings.redis),) if cache_store is store else
+                    (StoreRef("cache", cache_store, settings.cache_redis), StoreRef("state", store, settings.redis)))
+    add_cache_routes(app, CacheAdmin(cache_stores, rkeys, generations, ledger,
+                                     lambda: process_stats(m, service.local_cache, generations)))
     add_console_routes(app)
     add_unknown_route(app)  # last: the catch-all for every other path
     return app

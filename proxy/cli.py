@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import __version__
 from .config import ConfigError, Settings, load
-from .operate import add_limit_flags, cmd_keys, cmd_teams, cmd_usage, parse_day, parse_duration
+from .operate import add_limit_flags, cmd_cache, cmd_keys, cmd_teams, cmd_usage, parse_day, parse_duration
 from .routing import quiet_parser_errors
 
 log = logging.getLogger("proxy.cli")
@@ -264,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--by", choices=["key", "model", "day"], help="one row per team and key, model or day")
     u.add_argument("--format", choices=["table", "json", "csv"], default="table")
     u.set_defaults(func=cmd_usage)
+
+    ca = sub.add_parser("cache", help="cache statistics and purges (needs REDIS_URL)")
+    casub = ca.add_subparsers(dest="cache_cmd", required=True)
+    cs = casub.add_parser("stats", help="entries and memory per cache server, hit ratio today, purge generations")
+    cs.add_argument("--json", action="store_true")
+    cp = casub.add_parser("purge", help="stop serving a model's cached vectors, on every proxy within seconds")
+    cp.add_argument("--model", required=True)
+    cp.add_argument("--team", help='only this team\'s entries (cache.scope = "team" only)')
+    ca.set_defaults(func=cmd_cache)
 
     m = sub.add_parser("mock-upstream", help="run the deterministic fake upstream")
     m.add_argument("--host", default="127.0.0.1")

@@ -169,8 +169,12 @@ class CacheSettings:
     # The in-process tier, per process: entries read from Redis are kept here too (least recently used evicted
     # beyond this size), so inputs asked for again are answered without a Redis round trip. 0 turns it off.
     local_max_mb: int = 64
-    # How long a local copy is used before Redis is asked again (bounds how long a purged entry is still served).
+    # How long a local copy is used before Redis is asked again (bounds how long an entry deleted from Redis by
+    # hand is still served; `cache purge` needs no wait: a purged model's keys change at once).
     local_ttl_s: float = 600.0
+    # Purges are announced over pub/sub; each process also re-reads the purge generations this often, which bounds
+    # how long a lost announcement goes unnoticed (a purge then takes effect within this many seconds).
+    generations_refresh_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -402,13 +406,16 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
         for limit, value in limits.items():
             if value < 1:
                 raise ConfigError(f"{source}: teams.{name}.{limit} must be a positive integer (omit it: unlimited)")
+    cache = _build(CacheSettings, raw.get("cache", {}), "cache", source)
+    if cache.generations_refresh_s < 0.1:
+        raise ConfigError(f"{source}: cache.generations_refresh_s must be at least 0.1")
     return Settings(
         server=_build(ServerSettings, raw.get("server", {}), "server", source),
         upstreams=types.MappingProxyType(upstreams),
         models=types.MappingProxyType(models),
         redis=redis,
         cache_redis=cache_redis,
-        cache=_build(CacheSettings, raw.get("cache", {}), "cache", source),
+        cache=cache,
         keys=_build(KeySettings, raw.get("keys", {}), "keys", source),
         quotas=_build(QuotaSettings, raw.get("quotas", {}), "quotas", source),
         usage=_build(UsageSettings, raw.get("usage", {}), "usage", source),

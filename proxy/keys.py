@@ -7,7 +7,6 @@ record, checked on every request while Redis is reachable, so it takes effect at
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -284,10 +283,10 @@ def bearer_key(headers: Any) -> str | None:
 class Authenticator:
     """Checks keys, keeping verified records in process for `cache_s` so most requests need no Redis read.
 
-    Every change to a key record (revoke, rotate, limits) is published on `{prefix}:keys:changed`; `listen()`
-    drops the changed key from this process's copy as soon as the message arrives, and drops everything whenever
-    the subscription is lost, so `cache_s` only bounds a lost message. While Redis is unreachable, keys verified
-    within `offline_grace_s` still work and any other key is refused with 503.
+    Every change to a key record (revoke, rotate, limits) is published on `{prefix}:keys:changed`; `key_changed`
+    drops the changed key from this process's copy as soon as the message arrives (announcements.py), and `forget`
+    drops everything whenever the subscription is made or lost, so `cache_s` only bounds a lost message. While
+    Redis is unreachable, keys verified within `offline_grace_s` still work and any other key is refused with 503.
     """
 
     def __init__(
@@ -353,23 +352,9 @@ class Authenticator:
                 record, verified_at, _ = self._verified[k]
                 self._verified[k] = (record, verified_at, -math.inf)
 
-    async def listen(self, client: Any, channel: str, retry_s: float = 1.0) -> None:
-        """Apply published key changes until cancelled; resubscribe after any failure."""
-        while True:
-            try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(channel)
-                    self.forget()  # anything may have changed while we were not listening
-                    async for message in pubsub.listen():
-                        data = message.get("data")
-                        if isinstance(data, bytes):
-                            self.forget(data.decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the connection dropped: drop everything, try again
-                log.warning("key change subscription lost (%s); retrying", type(exc).__name__)
-                self.forget()
-            await asyncio.sleep(retry_s)
+    def key_changed(self, data: bytes) -> None:
+        """A key change published by any process (the sha256 of the changed key): read it again on its next use."""
+        self.forget(data.decode(errors="replace"))
 
 
 def check_model(record: KeyRecord, model: str) -> None:

@@ -28,7 +28,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CACHE_RESULTS = ("hit", "miss", "error")
 # Every `op` passed to Store.call (tests/test_redis_errors.py checks the list against the source).
 REDIS_OPS = ("mget", "set", "ping", "cache-secret", "quota", "key-create", "key-get", "key-list", "key-update",
-             "team-get", "team-set", "team-list", "usage-flush", "usage-report")
+             "team-get", "team-set", "team-list", "usage-flush", "usage-report", "cache-gen", "cache-purge",
+             "cache-stats")
 # invalid_request is the client's own input refused by the upstream: not an upstream failure (alerts leave it out).
 UPSTREAM_ERROR_KINDS = ("timeout", "unavailable", "rate_limited", "bad_gateway", "auth", "connect",
                         "invalid_request", "other")
@@ -289,6 +290,23 @@ class Metrics:
     def observe_merged_call(self, model: str, callers: int, inputs: int) -> None:
         self.child(self.upstream_call_requests, model).observe(callers)
         self.child(self.upstream_call_inputs, model).observe(inputs)
+
+    def cache_lookups_so_far(self) -> dict[str, int]:
+        """Cache lookups by result since start: this process's, or with several workers (as /metrics) the sum of
+        every worker's on this machine."""
+        self.flush()
+        if self.multiprocess:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            families = [f for f in merged.collect() if f.name == f"{_PREFIX}_cache_lookups"]
+        else:
+            families = list(self.cache_lookups.collect())
+        out = dict.fromkeys(CACHE_RESULTS, 0)
+        for family in families:
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("result") in out:
+                    out[sample.labels["result"]] += int(sample.value)
+        return out
 
     def render(self) -> bytes:
         self.flush()

@@ -1,4 +1,4 @@
-"""Operator commands against the Redis the proxies share: `keys ...`, `teams ...`, `usage`."""
+"""Operator commands against the Redis the proxies share: `keys ...`, `teams ...`, `usage`, `cache ...`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
+from .cachestats import StoreRef, cache_stats
 from .config import Settings
 from .errors import KeyNotActive
+from .generations import CacheGenerations, PurgeRefused
 from .keys import MAX_LIFETIME_S, KeyRecord, KeyStore
 from .limits import LIMIT_WINDOWS, Limits
 from .rediskeys import RedisKeys
@@ -205,6 +207,76 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return asyncio.run(_with_store(settings, run))
+
+
+def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(store: Store, rkeys: RedisKeys) -> int:
+        generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope)
+        if args.cache_cmd == "purge":
+            try:
+                done = await generations.purge(args.model, args.team)
+            except PurgeRefused as exc:
+                return _fail(exc.message)
+            whose = f" for team {done.team}" if done.team else ""
+            print(f"purged {done.model}{whose}: generation {done.generation}; every proxy stops serving its old "
+                  f"entries within seconds (they leave Redis by TTL or eviction)")
+            return 0
+        if not settings.cache_redis.url:
+            return await _stats(args, settings, (StoreRef("state and cache", store, settings.redis),), store,
+                                rkeys, generations)
+        cache_settings = dataclasses.replace(settings.cache_redis,
+                                             socket_timeout_s=settings.cache_redis.operator_timeout_s)
+        try:
+            cache_store = Store(connect(cache_settings, "CACHE_REDIS_URL")[0], cache_settings)
+        except TopologyError as exc:
+            return _fail(str(exc), 1)
+        try:
+            refs = (StoreRef("cache", cache_store, cache_settings), StoreRef("state", store, settings.redis))
+            return await _stats(args, settings, refs, store, rkeys, generations)
+        finally:
+            await cache_store.close()
+
+    return asyncio.run(_with_store(settings, run))
+
+
+async def _stats(args: argparse.Namespace, settings: Settings, refs: tuple[StoreRef, ...], state: Store,
+                 rkeys: RedisKeys, generations: CacheGenerations) -> int:
+    ledger = UsageLedger(state, rkeys, retention_days=settings.usage.retention_days)
+    prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
+    stats = await cache_stats(refs, rkeys, generations, ledger, prices, datetime.datetime.now(datetime.UTC).date())
+    if args.json:
+        print(orjson.dumps(stats).decode())
+        return 0
+    print(f"{'STORE':<16} {'NODE':<22} {'KEYS':>12} {'ENTRIES':>13} {'MEMORY':>10} {'MAXMEMORY':>10} "
+          f"{'POLICY':<16} {'EVICTED':>10}")
+    for r in stats["stores"]:
+        entries = ("~" if r["estimated"] else "") + f"{r['entries']:,}"
+        print(f"{r['store']:<16} {r['node'] or '-':<22} {r['keys']:>12,} {entries:>13} {_bytes(r['memory_bytes']):>10} "
+              f"{_bytes(r['maxmemory_bytes']):>10} {r['maxmemory_policy'] or '-':<16} "
+              f"{'-' if r['evicted_keys'] is None else r['evicted_keys']:>10}")
+    print(f"cache entries: {'~' if stats['estimated'] else ''}{stats['entries']:,}; hit ratio today "
+          f"({stats['day']}, tokens, every instance): {_percent(stats['hit_ratio'])}")
+    print(f"{'MODEL':<32} {'GENERATION':>10} {'CACHED TOKENS':>14} {'TOTAL TOKENS':>14} {'HIT RATIO':>9}")
+    for m in stats["models"]:
+        gen = str(m["generation"]) + "".join(f" {t}:{n}" for t, n in m.get("team_generations", {}).items())
+        print(f"{m['model']:<32} {gen:>10} {m['cached_tokens']:>14,} {m['total_tokens']:>14,} "
+              f"{_percent(m['hit_ratio']):>9}")
+    return 0
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.1f}%"
 
 
 def parse_day(text: str) -> datetime.date:

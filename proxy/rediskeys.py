@@ -6,6 +6,8 @@
     {prefix}:keyid:{key_id}            string: sha256 of the key with that id
     {prefix}:keys                      sorted set: key ids by creation time
     {prefix}:keys:changed              pub/sub channel: sha256 of a key whose record changed
+    {prefix}:cache-gen                 hash: purge generations, `m:{model}` and `t:{team}:{model}` -> count
+    {prefix}:cache-gen:changed         pub/sub channel: `{generation} {field}` after a purge
     {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
     {prefix}:team:{team}               hash: a team's quota limits set at run time (CLI, admin API)
     {prefix}:teams                     set: names of teams with a stored record
@@ -25,7 +27,8 @@
 `digest` is the 32-hex-digit xxh3-128 of `model NUL dimensions NUL kind NUL payload`, seeded with a 64-bit value
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
 the UTF-8 text) or `t` (payload: the token ids as little-endian uint32). A model with a `cache_revision` hashes
-`model NUL revision` where `model` stands: bumping it leaves every old entry of the model unread.
+`model NUL revision` where `model` stands: bumping it leaves every old entry of the model unread. Once a model has
+been purged, its generation follows: `model NUL revision NUL g{generation}` (proxy/generations.py).
 """
 
 from __future__ import annotations
@@ -44,18 +47,23 @@ def seed_from_secret(secret: str) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str, revision: str = "") -> Any:
+def _prefix_state(seed: int, model: str, dimensions: int | None, kind: str, revision: str = "",
+                  generation: str = "") -> Any:
     # The hasher after the (model, dimensions, kind) prefix, shared by requests alike: callers only copy it.
-    # A model's cache_revision goes after the model's name; without one the prefix is as it always was.
+    # A model's cache_revision, then its purge generation, go after the model's name; without either the prefix
+    # is as it always was (a model never purged keeps its keys).
     name = f"{model}\0{revision}" if revision else model
+    if generation:
+        name = f"{model}\0{revision}\0g{generation}"
     return xxhash.xxh3_128(f"{name}\0{dimensions or 0}\0{kind}\0".encode(), seed=seed)
 
 
 class DigestBuilder:
     """Content hashes of one request's inputs: the (model, dimensions, kind) prefix is hashed once."""
 
-    def __init__(self, seed: int, model: str, dimensions: int | None, kind: str, revision: str = "") -> None:
-        self._base = _prefix_state(seed, model, dimensions, kind, revision)
+    def __init__(self, seed: int, model: str, dimensions: int | None, kind: str, revision: str = "",
+                 generation: str = "") -> None:
+        self._base = _prefix_state(seed, model, dimensions, kind, revision, generation)
 
     def text(self, value: str) -> str:
         h = self._base.copy()
@@ -87,6 +95,12 @@ class RedisKeys:
 
     def key_changes(self) -> str:
         return f"{self.prefix}:keys:changed"
+
+    def cache_generations(self) -> str:
+        return f"{self.prefix}:cache-gen"
+
+    def cache_generation_changes(self) -> str:
+        return f"{self.prefix}:cache-gen:changed"
 
     def cache_secret(self) -> str:
         return f"{self.prefix}:meta:cache-secret"

@@ -1,9 +1,10 @@
 """The embeddings path: cache lookup, token limits, miss-only forwarding with de-duplication and coalescing.
 
-Per request: hash every input (model, dimensions and kind are part of the key), look the unique keys up in the
-in-process tier and read the rest with one MGET, count tokens only for misses, reserve the tokens of what this
-request will send, claim the misses in the in-flight table, send the ones this request owns upstream in as few
-calls as the model's batch limits allow, and write new entries back in the background (batched, after the answer).
+Per request: hash every input (model, dimensions, kind and the model's purge generation are part of the key), look
+the unique keys up in the in-process tier and read the rest with one MGET, count tokens only for misses, reserve the
+tokens of what this request will send, claim the misses in the in-flight table, send the ones this request owns
+upstream in as few calls as the model's batch limits allow, and write new entries back in the background (batched,
+after the answer).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
 from .fleet import FleetClient
+from .generations import CacheGenerations
 from .keys import KeyRecord
 from .localcache import LocalCache
 from .metrics import Metrics
@@ -116,8 +118,11 @@ class EmbeddingService:
         tokenizers: Mapping[str, Tokenizer],
         ledger: UsageLedger,
         clock: Callable[[], float] = time.time,
+        *,
+        generations: CacheGenerations,
     ) -> None:
         self._settings = settings
+        self._generations = generations
         self._ledger = ledger
         self._clock = clock
         self._cache = cache
@@ -154,13 +159,18 @@ class EmbeddingService:
         team = key.team
         spec = self._settings.models[req.model]
         dims = req.dimensions or spec.dimensions
+        scope_team = team if self._settings.cache.scope == "team" else None
         try:
             seed, cacheable = await self._cache.seed(), True
+            # in memory: a Redis read only until the generations have been read once
+            generation = self._generations.token(req.model, scope_team)
+            if generation is None:
+                generation = await self._generations.token_now(req.model, scope_team)
         except StoreUnavailable:
-            seed, cacheable = self._fallback_seed, False
-        builder = DigestBuilder(seed, req.model, req.dimensions, req.kind, spec.cache_revision)
+            seed, cacheable, generation = self._fallback_seed, False, ""
+        builder = DigestBuilder(seed, req.model, req.dimensions, req.kind, spec.cache_revision, generation)
         digest = builder.text if req.kind == "s" else builder.tokens
-        ns = self._keys.cache_namespace(team if self._settings.cache.scope == "team" else None)
+        ns = self._keys.cache_namespace(scope_team)
 
         unique: dict[str, int] = {}
         positions: list[int] = []

@@ -9,7 +9,6 @@ CONSOLE_SCREENSHOTS=DIR the screenshot test writes each screen as a PNG into DIR
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer
-from tests.stack import Server, embed, http, start_mock, start_proxy
+from tests.stack import MODEL, Server, embed, http, start_mock, start_proxy
 
 pytestmark = pytest.mark.redis
 
@@ -322,26 +321,54 @@ def test_usage_after_traffic_with_chart_and_csv(console: Console) -> None:
     page.context.close()
 
 
-def test_cache_without_its_endpoint_and_upstreams(console: Console) -> None:
+def cached_tokens(url: str, key: str, inputs: list[str]) -> int:
+    status, body = embed(url, key, inputs)
+    assert status == 200, body
+    return int(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_cache_screen_purges_a_model(console: Console) -> None:
     expect = _expect()
     page = console.page()
     sign_in(page)
-    page.get_by_role("navigation").get_by_role("button", name="Cache").click()
-    expect(page.get_by_text("Cache statistics come with cache management")).to_be_visible()
-    page.get_by_role("navigation").get_by_role("button", name="Upstreams").click()
-    expect(page.get_by_role("row").filter(has_text="healthy").first).to_be_visible()  # GET /admin/upstreams
-    # the browser reports each 404 as a failed resource; the page itself must not fail
-    console.errors[:] = [e for e in console.errors if "status of 404" not in e]
+    key, _ = create_key(page, "cache-team")
+    words = ["purged from the console"]
+    deadline = time.monotonic() + 10
+    while cached_tokens(console.url, key, words) == 0:  # once the first answer's cache write has landed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
-    # once the endpoint exists, whatever it reports is shown, numbers formatted by their names
-    stats = {"object": "cache", "entries": 1234567, "memory_bytes": 3 * 2**30, "hit_ratio": 0.875,
-             "stores": [{"store": "redis", "entries": 1234567, "bytes": 3 * 2**30}]}
-    page.route("**/admin/cache", lambda route: route.fulfill(status=200, content_type="application/json",
-                                                             body=json.dumps(stats)))
     page.get_by_role("navigation").get_by_role("button", name="Cache").click()
-    expect(page.locator("dl.facts")).to_contain_text("Hit ratio87.5%")
-    expect(page.locator("dl.facts")).to_contain_text("Memory bytes3.0 GiB")
-    expect(page.get_by_role("row").filter(has_text="redis")).to_contain_text("1,234,567")
+    model = page.get_by_role("row").filter(has=page.get_by_role("rowheader", name=MODEL, exact=True))
+    cells = model.get_by_role("cell")
+    expect(cells.first).to_have_text("0")  # its generation: never purged
+    tiles = page.locator(".tiles")
+    expect(tiles).to_contain_text("Entries")
+    expect(tiles).to_contain_text("Hit ratio today")
+    expect(page.get_by_role("row").filter(has=page.get_by_role("rowheader", name="state and cache"))).to_be_visible()
+
+    model.get_by_role("button", name="Purge").click()
+    dialog = page.get_by_role("dialog", name=f"Purge {MODEL}?")
+    expect(dialog).to_contain_text("shared by every team")
+    dialog.get_by_role("button", name="Cancel").click()  # asked first: nothing purged yet
+    expect(dialog).to_have_count(0)
+    assert cached_tokens(console.url, key, words) > 0
+
+    model.get_by_role("button", name="Purge").click()
+    dialog.get_by_role("button", name="Purge").click()
+    expect(page.get_by_role("status")).to_have_text(f"{MODEL} purged: generation 1.")
+    expect(cells.first).to_have_text("1")
+    assert cached_tokens(console.url, key, words) == 0  # asked of the upstream again
+    page.context.close()
+
+
+def test_upstreams_screen_shows_the_deployments(console: Console) -> None:
+    expect = _expect()
+    page = console.page()
+    sign_in(page)
+    page.get_by_role("navigation").get_by_role("button", name="Upstreams").click()
+    row = page.get_by_role("row").filter(has=page.get_by_role("rowheader", name=MODEL, exact=True))
+    expect(row).to_contain_text("healthy")
     page.reload()  # the key is kept for this tab: still signed in
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     page.get_by_role("button", name="Sign out").click()

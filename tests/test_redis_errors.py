@@ -99,8 +99,10 @@ def _metrics(proxy: Proxy) -> Samples:
 async def test_exact_counts_while_redis_is_gone(
     make_proxy: Any, upstream: Upstream, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Nothing reads Redis on a timer during the test: team limits and the ledger are not re-read or flushed.
+    # Nothing reads Redis on a timer during the test: team limits, purge generations and the ledger are not re-read
+    # or flushed.
     config = ("[redis]\nsocket_timeout_s = 0.5\nretry_interval_s = 600\n[keys]\ncache_s = 600\n"
+              "[cache]\ngenerations_refresh_s = 600\n"
               "[quotas]\nteam_cache_s = 600\n[usage]\nflush_interval_s = 600\n")
     proxy = await make_proxy(make_settings(upstream.base_url, own_redis.url, config))
     key, _ = await proxy.app[KEYSTORE].create("search")
@@ -111,7 +113,7 @@ async def test_exact_counts_while_redis_is_gone(
     own_redis.stop()
     # the key-change subscription drops with Redis, and the key is then looked up again on every request
     for _ in range(200):
-        if "key change subscription lost" in caplog.text:
+        if "subscription to key changes and cache purges lost" in caplog.text:
             break
         await asyncio.sleep(0.01)
     else:

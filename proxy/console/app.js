@@ -689,7 +689,87 @@
     return 10 * p;
   }
 
-  // Cache and upstreams: whatever the admin API reports; a proxy without the endpoint says so.
+  // Cache: what GET /admin/cache reports (entries, memory, hit ratios, purge generations); Purge per model.
+
+  const percent = (v) => (v === null || v === undefined ? "—" : (v * 100).toFixed(1) + "%");
+  const memory = (n) => (n === null || n === undefined ? "—" : bytes(n));
+
+  async function cacheView(root) {
+    root.append(heading("Cache", "Entries and memory of the cache's Redis, hit ratios, and purges per model.",
+      h("button", {type: "button", onclick: refresh}, "Refresh")));
+    const c = await api("cache");
+    const p = c.process || {};
+    const tile = ([label, value, title]) => h("div", {class: "tile", title},
+      h("div", {class: "tile-label"}, label), h("div", {class: "tile-value"}, value));
+    root.append(h("div", {class: "tiles"}, [
+      ["Entries", (c.estimated ? "≈ " : "") + int(c.entries),
+       c.estimated ? "Estimated from a sample of random keys" : "Counted"],
+      ["Memory", memory(c.memory_bytes), "Used by the cache's Redis servers (INFO memory)"],
+      ["Hit ratio today", percent(c.hit_ratio), `Share of tokens served from the cache on ${c.day} (UTC), ` +
+       "every instance, from the usage ledger"],
+      ["Hit ratio here", percent(p.hit_ratio), `Lookups answered from the cache by process ${p.pid} since it ` +
+       "started"],
+      ["In-process tier", `${memory(p.local_bytes)} / ${memory(p.local_max_bytes)}`,
+       `${int(p.local_entries)} entries in process ${p.pid}`],
+    ].map(tile)));
+    root.append(h("h2", {}, "Models"),
+      h("p", {class: "muted"}, "A purge makes every proxy stop serving the model's cached vectors within seconds: " +
+        "they are asked of the upstream again (and paid for). Entries per model are not known: keys are hashes."),
+      table([
+        {label: "Model", cell: (m) => m.model},
+        {label: "Generation", num: true, title: "Purges so far", cell: (m) => int(m.generation)},
+        ...(c.scope === "team" ? [{label: "Team purges", wrap: true, cell: (m) => Object.entries(
+          m.team_generations || {}).map(([t, n]) => `${t}: ${n}`).join(", ") || "—"}] : []),
+        {label: "Cached tokens today", num: true, cell: (m) => int(m.cached_tokens)},
+        {label: "Tokens today", num: true, cell: (m) => int(m.total_tokens)},
+        {label: "Hit ratio today", num: true, cell: (m) => percent(m.hit_ratio)},
+        {label: "Actions", cell: (m) => h("div", {class: "row-actions"},
+          h("button", {type: "button", class: "danger-quiet", onclick: () => purgeDialog(m.model, c.scope)},
+            "Purge"))},
+      ], c.models, "No models are configured."),
+      h("h2", {}, "Redis servers"),
+      table([
+        {label: "Store", cell: (r) => r.store},
+        {label: "Node", cell: (r) => r.node || "—"},
+        {label: "Keys", num: true, cell: (r) => int(r.keys)},
+        {label: "Cache entries", num: true, cell: (r) => (r.estimated ? "≈ " : "") + int(r.entries)},
+        {label: "Memory", num: true, cell: (r) => memory(r.memory_bytes)},
+        {label: "Max memory", num: true, cell: (r) => memory(r.maxmemory_bytes)},
+        {label: "Policy", cell: (r) => r.maxmemory_policy || "—"},
+        {label: "Evicted keys", num: true, cell: (r) => int(r.evicted_keys)},
+      ], c.stores, "No Redis server answered."));
+    if (c.teams) {
+      root.append(h("h2", {}, "Entries per team"),
+        table([{label: "Team", cell: (t) => t.team}, {label: "Cache entries", num: true, cell: (t) => int(t.entries)}],
+              c.teams, "No entries yet."));
+    }
+  }
+
+  function purgeDialog(model, scope) {
+    dialog(`Purge ${model}?`, ({errorEl, close}) => {
+      const teamInput = scope === "team"
+        ? h("input", {type: "text", name: "team", autocomplete: "off", spellcheck: "false", placeholder: "every team"})
+        : null;
+      const form = h("form", {novalidate: true},
+        h("p", {}, `Every proxy stops serving the cached vectors of ${model} within seconds; each is fetched from ` +
+          "the upstream again when next asked for. The old entries are not deleted: they leave Redis by TTL or " +
+          "eviction."),
+        teamInput ? field("Team", teamInput, "Only this team's entries; empty: every team's.")
+          : h("p", {class: "muted"}, "The cache is shared by every team: the purge covers them all."),
+        errorEl, buttons(close, "Purge", "danger"));
+      submitter(form, errorEl, async () => {
+        const team = teamInput ? teamInput.value.trim() : "";
+        if (team && !TEAM_RE.test(team)) throw new Invalid(TEAM_RULE);
+        const done = await api("cache/purge", {method: "POST", body: team ? {model, team} : {model}});
+        close();
+        await refresh(); // the view clears the status line: say it after
+        status(`${model}${team ? ` (team ${team})` : ""} purged: generation ${done.generation}.`);
+      });
+      return form;
+    });
+  }
+
+  // Upstreams: whatever the admin API reports; a proxy without the endpoint says so.
 
   async function optionalPanel(root, title, path, note, missing) {
     root.append(heading(title, note,
@@ -705,11 +785,6 @@
       throw err;
     }
     root.append(h("div", {class: "card"}, render(body)));
-  }
-
-  function cacheView(root) {
-    return optionalPanel(root, "Cache", "cache", "Entries, memory and hit ratio of the cache.",
-      "Cache statistics come with cache management: this proxy has no GET /admin/cache yet.");
   }
 
   function upstreamsView(root) {
