@@ -264,7 +264,7 @@ async def test_stats_estimate_from_a_sample_beyond_the_scan_limit(redis_url: str
     raw = redis.Redis.from_url(redis_url)
     pipe = raw.pipeline(transaction=False)
     for i in range(2 * SCAN_LIMIT):
-        pipe.set(f"ep:emb:s:{i:032x}" if i % 2 else f"ep:usage:team:{i}", b"x")
+        pipe.set(f"ep:emb:v2:s:{i:032x}" if i % 2 else f"ep:usage:team:{i}", b"x")
     pipe.execute()
     settings = RedisSettings(url=redis_url)
     store = Store(connect(settings)[0], settings)

@@ -83,7 +83,7 @@ def held_by(fill: Callable[[LocalCache], None]) -> int:
 
 
 def cache_key(n: int) -> str:
-    return f"ep:emb:s:{n:032x}"  # the shape of a real key: prefix, then a 128-bit hex digest
+    return f"ep:emb:v2:s:{n:032x}"  # the shape of a real key: prefix, then a 128-bit hex digest
 
 
 def redis_value(n: int, dims: int) -> bytes:
