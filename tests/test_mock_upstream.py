@@ -626,4 +626,4 @@ def test_run_prints_its_address_and_serves() -> None:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     assert reply.startswith(b"HTTP/1.1 200")
-    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{}}')
+    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{},"rate_limited":0}')
