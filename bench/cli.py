@@ -19,7 +19,9 @@ from typing import Any
 
 import orjson
 
+from . import cluster as C
 from . import env as E
+from . import fleet as F
 from .loadgen import Target
 from .scenarios import (
     MODEL,
@@ -36,7 +38,8 @@ from .scenarios import (
     warm_hits,
 )
 
-GROUPS = ("hit", "miss", "big", "dedup", "reject", "memory", "soak")
+GROUPS = ("hit", "miss", "big", "dedup", "reject", "memory", "soak", "cluster", "batching", "ratelimit")
+DEFAULT_GROUPS = GROUPS[:7]  # the fleet and cluster scenarios run when named
 # (inputs, encoding, tier): "local" is the proxy as configured by default (an entry read from Redis once is then
 # answered in process); "redis" is a second proxy with the in-process tier off, so every hit is an MGET.
 HIT_VARIANTS = [(1, "base64", "local"), (1, "float", "local"), (100, "base64", "local"), (100, "float", "local"),
@@ -47,8 +50,8 @@ QUOTA_TEAM = "benchquota"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--scenarios", default=",".join(GROUPS),
-                   help=f"comma-separated groups from {', '.join(GROUPS)} (default: all)")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_GROUPS),
+                   help=f"comma-separated groups from {', '.join(GROUPS)} (default: {', '.join(DEFAULT_GROUPS)})")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per offered rate in a search (default 2)")
     p.add_argument("--quick", action="store_true", help="short steps and samples: a dev run of about four minutes")
     p.add_argument("--soak-minutes", type=float, default=None, help="soak length (default 0.5; 10 for the full run)")
@@ -167,19 +170,31 @@ async def run(args: argparse.Namespace) -> int:
         redis_tier = E.start_proxy(e, {**penv, "PROXY_CONFIG": str(redis_config)}, workers, name="proxy-redis-tier")
         await asyncio.sleep(0.5 if workers in (None, 1) else 2.0)
         key = E.create_key(penv, "bench")
+        # the processes of the scenarios that need their own: proxies (pinned with the proxy), the rest (with Redis)
+        extra: dict[str, list[E.Proc]] = {}
+        cluster_env: dict[str, str] = {}
+        if "cluster" in groups:
+            extra["cluster"], cluster_env = C.start(e, penv, redis_config, workers)
+        if "batching" in groups:
+            extra["batching"] = F.start_batching(e, penv, config.read_text(), workdir, workers)
+        if "ratelimit" in groups:
+            extra["ratelimit"] = F.start_ratelimit(e, penv, config.read_text(), workdir, workers)
 
         pins: list[str] = []
         server_cores, gen_cores = E.pin_plan(os.cpu_count() or 1)
         if args.no_pin or server_cores is None or gen_cores is None:
             pins.append("not pinned" + (" (--no-pin)" if args.no_pin else " (fewer than 2 usable cores)"))
         else:
+            proxies = [p for p in [proxy, redis_tier, *(x for procs in extra.values() for x in procs)]
+                       if p.name.startswith("proxy")]
+            others = [p for procs in extra.values() for p in procs if not p.name.startswith("proxy")]
             if workers in (None, 1):
-                pins.append(proxy.pin(server_cores))
-                pins.append(redis_tier.pin(server_cores))
+                pins += [p.pin(server_cores) for p in proxies]
             else:
-                pins.append(f"proxy: {workers} workers, not pinned (they need every core)")
+                pins.append(f"proxies: {workers} workers each, not pinned (they need every core)")
             pins.append(baseline.pin(server_cores))
-            pins += [redis_proc.pin(gen_cores), mock.pin(gen_cores), E.pin_self(gen_cores)]
+            pins += [redis_proc.pin(gen_cores), mock.pin(gen_cores), *(p.pin(gen_cores) for p in others),
+                     E.pin_self(gen_cores)]
         meta["pinning"] = pins
         print("pinning: " + "; ".join(pins), flush=True)
 
@@ -195,6 +210,9 @@ async def run(args: argparse.Namespace) -> int:
             ("reject", lambda: reject_scenarios(ctx)),
             ("memory", lambda: _memory(ctx, "hit" in groups)),
             ("soak", lambda: soak_scenario(ctx)),
+            ("cluster", lambda: C.cluster_scenarios(ctx, extra["cluster"], cluster_env)),
+            ("batching", lambda: F.batching_scenario(ctx, extra["batching"])),
+            ("ratelimit", lambda: F.ratelimit_scenario(ctx, extra["ratelimit"])),
         ]
         for name, step in steps:
             if name not in groups:

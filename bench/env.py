@@ -172,11 +172,50 @@ def start_redis(env: Env) -> tuple[Proc, redis.Redis]:
     return proc, client
 
 
-def start_mock(env: Env, latency_ms: float) -> Proc:
+def start_mock(env: Env, latency_ms: float, name: str = "mock-upstream", extra: list[str] | None = None) -> Proc:
+    """The mock upstream; `extra` are more mock-upstream options (`--rpm 60 --rate-window-s 3`)."""
     port = free_port()
-    return env.start("mock-upstream", [bin_path("embedding-proxy"), "--log-level", "WARNING", "mock-upstream",
-                                       "--port", str(port), "--latency-ms", str(latency_ms),
-                                       "--api-key", UPSTREAM_KEY], port)
+    return env.start(name, [bin_path("embedding-proxy"), "--log-level", "WARNING", "mock-upstream", "--port",
+                            str(port), "--latency-ms", str(latency_ms), "--api-key", UPSTREAM_KEY, *(extra or [])],
+                     port)
+
+
+def _cluster_port() -> int:
+    """A free port <= 55535 whose cluster bus port (port + 10000) is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 10000))
+            return port
+    raise RuntimeError("no free port pair (<= 55535, and +10000) for a cluster node")
+
+
+def start_cluster(env: Env, masters: int = 3) -> list[Proc]:
+    """A Redis Cluster of `masters` masters and no replicas, built with `redis-cli --cluster create`."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli must be on PATH for the cluster scenario")
+    nodes = []
+    for n in range(masters):
+        port = _cluster_port()
+        data = tempfile.mkdtemp(prefix=f"cluster-{n}-", dir=env.workdir)
+        nodes.append(env.start(f"cluster-{n}", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                                "--appendonly", "no", "--dir", data, "--protected-mode", "no",
+                                                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+                               port))
+    out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p.port}" for p in nodes), "--cluster-yes"],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"redis-cli --cluster create failed: {(out.stdout + out.stderr)[-400:]}")
+    deadline = time.monotonic() + 30
+    while not all(b"cluster_state:ok" in redis.Redis(port=p.port).execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "INFO") for p in nodes):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not reach cluster_state:ok within 30 s")
+        time.sleep(0.1)
+    return nodes
 
 
 def start_baseline(env: Env) -> Proc:
@@ -224,25 +263,30 @@ def create_key(penv: dict[str, str], team: str) -> str:
 
 
 class RedisStats:
-    """Commands and socket reads (round trips, for a client that waits for each answer) between two points."""
+    """Commands and socket reads (round trips, for a client that waits for each answer) between two points, summed
+    over the servers given (a cluster's masters)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
+    def __init__(self, *clients: redis.Redis) -> None:
+        self._clients = clients
 
     def snapshot(self) -> dict[str, int]:
-        stats: dict[str, Any] = self._client.info("stats")
-        cmds: dict[str, Any] = self._client.info("commandstats")
-        out = {"_reads": int(stats.get("total_reads_processed", 0))}
-        for name, v in cmds.items():
-            if name.startswith("cmdstat_"):
-                out[name[8:]] = int(v["calls"])
+        out = {"_reads": 0}
+        for client in self._clients:
+            stats: dict[str, Any] = client.info("stats")
+            cmds: dict[str, Any] = client.info("commandstats")
+            out["_reads"] += int(stats.get("total_reads_processed", 0))
+            for name, v in cmds.items():
+                if name.startswith("cmdstat_"):
+                    out[name[8:]] = out.get(name[8:], 0) + int(v["calls"])
+        out["_servers"] = len(self._clients)
         return out
 
     @staticmethod
     def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
         d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         d["info"] = 0  # the bench's own INFO calls
-        d["_reads"] = max(0, d["_reads"] - 2)  # the two INFO calls of the `after` snapshot
+        d["_reads"] = max(0, d["_reads"] - 2 * after["_servers"])  # the two INFO calls per server of `after`
+        d["_servers"] = 0
         return {k: v for k, v in d.items() if v}
 
 

@@ -268,6 +268,67 @@ class Target:
                          min(wall, duration_s + deadline), lat, lag, dict(statuses))
 
 
+    async def closed_loop(
+        self, make: Callable[[int], bytes], concurrency: int, count: int, duration_s: float, *,
+        expect: Sequence[int] = (200,), grace_s: float = 30.0,
+    ) -> RunResult:
+        """`concurrency` clients, each sending its next request when its last one is answered, until `count`
+        requests were sent or `duration_s` passed (then the ones in flight are waited for, up to `grace_s`).
+        Latency is from each request's own send; `offered_rps` is the concurrency."""
+        await self.open(concurrency)
+        conns = [c for c in self._conns if not c.closed][:concurrency]
+        sent_at = np.zeros(count)
+        lat = np.full(count, np.inf)
+        statuses: collections.Counter[int] = collections.Counter()
+        state = {"next": 0, "completed": 0, "errors": 0, "in_flight": 0}
+        all_done = asyncio.get_running_loop().create_future()
+        expected = frozenset(expect)
+        stop_at = time.perf_counter() + duration_s
+
+        def start(conn: _Conn) -> None:
+            i = state["next"]
+            state["next"] += 1
+            state["in_flight"] += 1
+            sent_at[i] = time.perf_counter()
+            conn.send(make(i), i)
+
+        def done(conn: _Conn, status: int, body: bytes | None) -> None:
+            i = conn.tag
+            conn.tag = None
+            if i is None:
+                return
+            now = time.perf_counter()
+            state["in_flight"] -= 1
+            statuses[status] += 1
+            if status in expected:
+                lat[i] = now - sent_at[i]
+                state["completed"] += 1
+            else:
+                state["errors"] += 1
+            if not conn.closed and state["next"] < count and now < stop_at:
+                start(conn)
+            elif not state["in_flight"] and not all_done.done():
+                all_done.set_result(None)
+
+        self._handler = done
+        t0 = time.perf_counter()
+        for c in conns:
+            if state["next"] < count:
+                start(c)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(all_done), duration_s + grace_s)
+        wall = time.perf_counter() - t0
+        self._handler = lambda c, s, b: None
+        sent = state["next"]
+        unanswered = sent - state["completed"] - state["errors"]
+        if unanswered:
+            for c in conns:
+                if c.tag is not None:
+                    c.close()
+        return RunResult(float(concurrency), sent, state["completed"], state["errors"] + unanswered, wall,
+                         lat[:sent], np.zeros(sent), dict(statuses))
+
+
 @dataclass
 class Search:
     """The highest offered rate whose p99 stayed within the budget with no errors (and the steps tried)."""

@@ -117,6 +117,9 @@ class ModelSettings:
     # What one upstream request may carry; misses are split into as few requests as these allow.
     max_batch_items: int = 2048
     max_batch_tokens: int = 300_000
+    # Misses of concurrent requests share upstream calls (README "Micro-batching"); false: each request's misses go
+    # in calls of their own, as before micro-batching.
+    micro_batching: bool = True
     # Client limits, checked before anything goes upstream (400 when exceeded).
     max_input_tokens: int = 8192
     max_request_tokens: int = 300_000

@@ -383,7 +383,7 @@ async def _stats(request: web.Request) -> web.StreamResponse:  # GET /_mock/stat
     if request.method == "POST":
         state.reset()
     return _json({"requests": state.requests, "inputs": state.inputs, "billed_tokens": state.billed_tokens,
-                  "billed": state.billed})
+                  "billed": state.billed, "rate_limited": state.rate_limited})
 
 
 async def _fail(request: web.Request) -> web.StreamResponse:

@@ -337,6 +337,26 @@ async def test_micro_batching_64_concurrent_misses(make_proxy: ProxyFactory, moc
     assert calls <= 17 and metric(proxy, "embedding_proxy_upstream_call_requests_sum", model=MODEL) == 65
 
 
+async def test_micro_batching_false_sends_each_request_on_its_own(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    up = await mocks(latency_ms=50)
+    settings = fleet_settings(redis_url, upstream_toml("a", up),
+                              f'[models."{MODEL}"]\ndimensions = 1536\nmicro_batching = false\n'
+                              'deployments = [{ upstream = "a" }]\n')
+    assert not settings.models[MODEL].micro_batching
+    proxy = await make_proxy(settings)
+    key = await proxy.new_key()
+    texts = [f"unmerged miss {i}" for i in range(8)]
+    resps = await asyncio.gather(*(proxy.embed(key, {"model": MODEL, "input": t}) for t in texts))
+    assert [r.status for r in resps] == [200] * 8
+    assert up.state.requests == 8 and up.state.inputs == 8  # merged, these would be 2 calls
+    want = vectors(await direct(up.base_url, {"model": MODEL, "input": texts}))
+    for resp, vec in zip(resps, want, strict=True):
+        assert_same_vectors(vectors(await resp.json()), [vec])
+    assert metric(proxy, "embedding_proxy_upstream_call_requests_count", model=MODEL) == 8
+
+
 async def test_a_failed_merged_call_fails_each_request_it_carried(
     make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
 ) -> None:

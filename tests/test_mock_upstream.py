@@ -539,7 +539,7 @@ async def test_control_endpoints(aiohttp_client: Any) -> None:
     await client.post("/_mock/fail", json={"mode": "wrong_count"})
     await client.post("/v1/embeddings", json={"input": ["a", "b"], "model": SMALL})  # a faulty answer: not billed
     assert await (await client.get("/_mock/stats")).json() == {
-        "requests": 3, "inputs": 5, "billed_tokens": 5, "billed": {"": 2, "team-a": 3},
+        "requests": 3, "inputs": 5, "billed_tokens": 5, "billed": {"": 2, "team-a": 3}, "rate_limited": 0,
     }
     resp = await client.post("/_mock/fail", json={"mode": "status", "times": 2, "status": 429, "retry_after": 1.5})
     assert resp.status == 200
@@ -551,8 +551,17 @@ async def test_control_endpoints(aiohttp_client: Any) -> None:
     assert (await client.post("/_mock/fail", json={"mode": "garbage"})).status == 200
     assert (await client.post("/_mock/reset")).status == 200
     assert await (await client.get("/_mock/stats")).json() == {"requests": 0, "inputs": 0, "billed_tokens": 0,
-                                                               "billed": {}}
+                                                               "billed": {}, "rate_limited": 0}
     await embed(client, {"input": "x", "model": SMALL})  # the reset dropped the queued garbage answer
+
+
+async def test_stats_count_the_rate_limit_429s(aiohttp_client: Any) -> None:
+    client = await make_client(aiohttp_client, rpm=2)
+    statuses = [(await client.post("/v1/embeddings", json={"input": f"r{i}", "model": SMALL})).status
+                for i in range(5)]
+    assert statuses == [200, 200, 429, 429, 429]
+    stats = await (await client.get("/_mock/stats")).json()
+    assert (stats["requests"], stats["rate_limited"]) == (5, 3)
 
 
 async def test_latency(aiohttp_client: Any) -> None:
@@ -617,4 +626,4 @@ def test_run_prints_its_address_and_serves() -> None:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     assert reply.startswith(b"HTTP/1.1 200")
-    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{}}')
+    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{},"rate_limited":0}')

@@ -75,7 +75,7 @@ class FleetClient:
         dimensions: int | None,
         user: str | None,
     ) -> UpstreamResult:
-        if self._batcher is not None:
+        if self._batcher is not None and self._settings.models[model].micro_batching:
             result, served = await self._batcher.submit(model, inputs, local_counts, dimensions, user)
         else:
             self._observe_call(model, 1, len(inputs))
