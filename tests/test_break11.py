@@ -16,10 +16,12 @@ from aiohttp.test_utils import TestServer
 
 from proxy.cli import main
 from proxy.config import ConfigError, parse
+from tests import test_fleet
 from tests.conftest import ProxyFactory, Upstream
-from tests.test_fleet import MODEL, Mocks, fleet_settings, mocks  # noqa: F401 (mocks is a fixture)
+from tests.test_fleet import MODEL, Mocks, fleet_settings
 
 pytestmark = pytest.mark.redis
+mocks = test_fleet.mocks  # the fixture: one real mock upstream per deployment
 
 
 def up_toml(name: str, up: Upstream, **options: Any) -> str:
@@ -163,7 +165,10 @@ def test_a_fleet_setting_that_is_not_a_finite_number_is_one_clear_error(table: s
 async def not_a_proxy() -> AsyncIterator[str]:
     """A server answering GET /admin/upstreams with 200 and an HTML page (a wrong --url: some other service)."""
     app = web.Application()
-    app.router.add_get("/admin/upstreams", lambda _: web.Response(text="<html>hello</html>", content_type="text/html"))
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app.router.add_get("/admin/upstreams", page)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield str(server.make_url("/"))
