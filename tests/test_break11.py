@@ -139,6 +139,50 @@ async def test_a_retry_after_a_backoff_checks_the_rate_limit_again(
     assert limited.state.rate_limited == 0, "the retry went to an upstream its headers said was out of requests"
 
 
+async def test_micro_batching_does_not_merge_calls_beyond_the_upstreams_token_limit(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    """Concurrent misses are merged up to max_batch_tokens (300 000) whatever the deployment's tokens per minute; a
+    merged call larger than the limit "can never fit" (pacing.py _Limit.wait: then the upstream decides), so it is
+    sent, answered 429, paused, sent again..., and every request it carried fails with 429, although each of them
+    alone fits the limit and all of them fit within max_queue_wait_s."""
+    limited = await mocks(tpm=60, rate_window_s=1.5, latency_ms=30)
+    settings = fleet_settings(redis_url, up_toml("lim", limited, max_queue_wait_s=5.0, deadline_s=10.0),
+                              one_model('{ upstream = "lim" }'))
+    proxy = await make_proxy(settings)
+    key = await proxy.new_key()
+    assert (await proxy.embed(key, {"model": MODEL, "input": "warm up"})).status == 200  # the headers are known
+    texts = [f"alpha bravo charlie delta {i}" for i in range(20)]  # 5 tokens each: 100 in all, 60 per window
+    resps = await asyncio.gather(*(proxy.embed(key, {"model": MODEL, "input": t}) for t in texts))
+    assert [r.status for r in resps] == [200] * 20
+    assert limited.state.rate_limited == 0
+
+
+# --- cooldown: a wait for a deployment to come back that ends in a failure without a call --------------------------
+
+
+async def test_a_call_that_waited_for_a_deployment_to_come_back_tries_it(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    """With its retries used up (max_retries = 0 here) and every deployment cooling down after failing this call,
+    the call waits for the first to come back (client.py _call: _queue, waited = True), then raises the old error
+    at once (`if retries == 0: raise error`) without calling the deployment it waited for."""
+    a, b = await mocks(), await mocks()
+    settings = fleet_settings(
+        redis_url, up_toml("a", a, allowed_fails=1, cooldown_s=1.0, max_retries=0)
+        + up_toml("b", b, allowed_fails=1, cooldown_s=1.5, max_retries=0),
+        one_model('{ upstream = "a" }', '{ upstream = "b" }'))
+    proxy = await make_proxy(settings)
+    key = await proxy.new_key()
+    assert (await proxy.embed(key, {"model": MODEL, "input": "warm up"})).status == 200
+    a.state.fail_next("status", status=500)
+    b.state.fail_next("status", status=500)
+    calls = a.state.requests + b.state.requests
+    status, elapsed = await timed(proxy.embed(key, {"model": MODEL, "input": "x"}))
+    # today: 502 after waiting ~1 s for a, which is never called again (3 calls in all would be 2)
+    assert (status, a.state.requests + b.state.requests - calls) == (200, 3), f"{status} after {elapsed:.1f}s"
+
+
 # --- configuration ---------------------------------------------------------------------------------------------------
 
 
