@@ -152,7 +152,7 @@ async def test_micro_batching_does_not_merge_calls_beyond_the_upstreams_token_li
     proxy = await make_proxy(settings)
     key = await proxy.new_key()
     assert (await proxy.embed(key, {"model": MODEL, "input": "warm up"})).status == 200  # the headers are known
-    texts = [f"alpha bravo charlie delta {i}" for i in range(20)]  # 5 tokens each: 100 in all, 60 per window
+    texts = [f"alpha bravo charlie delta {i}" for i in range(20)]  # 8 tokens each: 160 in all, 3 windows of 60
     resps = await asyncio.gather(*(proxy.embed(key, {"model": MODEL, "input": t}) for t in texts))
     assert [r.status for r in resps] == [200] * 20
     assert limited.state.rate_limited == 0
