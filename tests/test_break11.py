@@ -158,6 +158,30 @@ async def test_micro_batching_does_not_merge_calls_beyond_the_upstreams_token_li
     assert limited.state.rate_limited == 0
 
 
+async def test_a_merged_call_does_not_move_billed_tokens_between_teams(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    """Misses of different teams (no `user`) share one upstream call, whose usage is then split in proportion to the
+    local counts (upstream.py split_usage). When the upstream counts an input differently from the proxy (here 3
+    tokens more per input, as a model with special tokens the local tokenizer lacks), one team is told and charged
+    the other team's tokens: each request's usage is no longer its own inputs' count (issue 11, item 5)."""
+    up = await mocks(token_skew=3, latency_ms=50)
+    settings = fleet_settings(redis_url, up_toml("a", up), one_model('{ upstream = "a" }'))
+    proxy = await make_proxy(settings)
+    red, blue = await proxy.new_key("red"), await proxy.new_key("blue")
+    assert (await proxy.embed(red, {"model": MODEL, "input": "warm up"})).status == 200
+    first = asyncio.create_task(proxy.embed(red, {"model": MODEL, "input": "in flight"}))
+    await until(lambda: up.state.requests == 2)  # the next misses wait for it and travel together
+    long = "word " * 20
+    short_resp, long_resp = await asyncio.gather(proxy.embed(red, {"model": MODEL, "input": "hi"}),
+                                                 proxy.embed(blue, {"model": MODEL, "input": long}))
+    assert (await first).status == 200
+    assert up.state.requests == 3  # the two were merged
+    # alone, the upstream bills "hi" 1 + 3 and the long text 21 + 3; merged, red is told 2 and blue 26
+    assert ((await short_resp.json())["usage"]["prompt_tokens"], (await long_resp.json())["usage"]["prompt_tokens"]) \
+        == (4, 24)
+
+
 # --- cooldown: a wait for a deployment to come back that ends in a failure without a call --------------------------
 
 
