@@ -242,7 +242,7 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
@@ -262,7 +262,7 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     assert calls == [["x0"], ["x9"]]  # another user is another lane
     gate.set()
     results = await asyncio.gather(first, *rest, other_user)
-    # two waiting calls fill the next (4 items): it went at once; the third followed when a call finished
+    # two waiting calls fill the next (4 items): it went at once; the third followed after the join window
     assert calls[2:] == [["x1", "x11", "x2", "x12"], ["x3", "x13"]]
     for (result, served), expected in zip(results[1:4], ([1, 11], [2, 12], [3, 13]), strict=True):
         assert served == "a"
@@ -277,7 +277,7 @@ async def test_batcher_fails_every_caller_and_retries_a_400_alone() -> None:
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
