@@ -166,6 +166,10 @@ def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+_UPSTREAM_FIELDS = ("model", "upstream", "kind", "priority", "weight", "state", "cooling_down_until", "paused_until",
+                    "last_error", "remaining_requests", "remaining_tokens")
+
+
 def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
     """Each deployment's state, from a running proxy's GET /admin/upstreams (the state lives in its process)."""
     base = args.url or f"http://{settings.server.host}:{settings.server.port}"
@@ -173,15 +177,32 @@ def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.admin_key:
         print("error: this command needs PROXY_ADMIN_KEY (it asks the running proxy's admin API)", file=sys.stderr)
         return 2
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {settings.admin_key}"})
+    if not settings.admin_key.isascii() or not settings.admin_key.isprintable():
+        print("error: PROXY_ADMIN_KEY must be printable ASCII (it travels in an HTTP header)", file=sys.stderr)
+        return 2
+    try:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {settings.admin_key}"})
+    except ValueError as exc:  # not a URL at all
+        print(f"error: --url {base!r} is not an http(s) URL: {exc}", file=sys.stderr)
+        return 2
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
-            rows = orjson.loads(resp.read())["data"]
+            doc = orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         print(f"error: {url} answered {exc.code}: {exc.read()[:300].decode(errors='replace')}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"error: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    except orjson.JSONDecodeError:
+        print(f"error: {url} did not answer JSON: is it embedding-proxy?", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a malformed URL urllib only finds out about when it connects ("http://[::1")
+        print(f"error: --url {base!r} is not a valid URL: {exc}", file=sys.stderr)
+        return 2
+    rows = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(_UPSTREAM_FIELDS) <= r.keys() for r in rows):
+        print(f"error: {url} did not answer with embedding-proxy's deployment states", file=sys.stderr)
         return 1
     if args.json:
         print(orjson.dumps(rows).decode())
@@ -193,13 +214,19 @@ def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
     def num(v: int | None) -> str:
         return "-" if v is None else str(v)
 
-    print(f"{'MODEL':<28} {'UPSTREAM':<16} {'KIND':<6} {'PRI':>3} {'WEIGHT':>6} {'STATE':<13} {'UNTIL':<9} "
-          f"{'LAST ERROR':<12} {'REQ LEFT':>8} {'TOK LEFT':>9}")
-    for r in rows:
-        until = r["cooling_down_until"] or r["paused_until"]
-        print(f"{r['model']:<28} {r['upstream']:<16} {r['kind']:<6} {r['priority']:>3} {r['weight']:>6g} "
-              f"{r['state']:<13} {when(until):<9} {r['last_error'] or '-':<12} {num(r['remaining_requests']):>8} "
-              f"{num(r['remaining_tokens']):>9}")
+    lines = [f"{'MODEL':<28} {'UPSTREAM':<16} {'KIND':<6} {'PRI':>3} {'WEIGHT':>6} {'STATE':<13} {'UNTIL':<9} "
+             f"{'LAST ERROR':<12} {'REQ LEFT':>8} {'TOK LEFT':>9}"]
+    try:
+        for r in rows:
+            until = r["cooling_down_until"] or r["paused_until"]
+            lines.append(
+                f"{r['model']:<28} {r['upstream']:<16} {r['kind']:<6} {r['priority']:>3} {r['weight']:>6g} "
+                f"{r['state']:<13} {when(until):<9} {r['last_error'] or '-':<12} {num(r['remaining_requests']):>8} "
+                f"{num(r['remaining_tokens']):>9}")
+    except (TypeError, ValueError, OverflowError, OSError):  # a field of another type than the proxy sends
+        print(f"error: {url} did not answer with embedding-proxy's deployment states", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
     return 0
 
 

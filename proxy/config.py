@@ -9,6 +9,7 @@ only from the environment: `UPSTREAM_API_KEY` (or the variable an upstream's `ap
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -257,6 +258,9 @@ def _build(cls: type[Any], raw: Any, where: str, source: str) -> Any:
     values = {}
     for name, value in raw.items():
         values[name] = _check(hints[name], value, f"{where}.{name}", source)
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: {where}.{f.name} is required")
     try:
         return cls(**values)
     except TypeError as exc:
@@ -277,6 +281,8 @@ def _check(hint: Any, value: Any, key: str, source: str) -> Any:
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{source}: {key} must be {getattr(hint, '__name__', hint)}, not {value!r}")
+    if hint is float and not math.isfinite(value):  # TOML has nan and inf; no setting means either
+        raise ConfigError(f"{source}: {key} must be a finite number, not {value!r}")
     if hint in (int, float) and value < 0:
         raise ConfigError(f"{source}: {key} must not be negative")
     return value
@@ -350,10 +356,24 @@ def _model(name: str, raw: Any, upstreams: Mapping[str, UpstreamSettings], sourc
         if d.upstream in seen:
             raise ConfigError(f"{source}: {at}: upstream {d.upstream!r} is listed twice")
         seen.add(d.upstream)
+        if upstreams[d.upstream].kind == "azure":
+            _azure_deployment(d.upstream_model or m.upstream_model or name,
+                              f"{at}.upstream_model" if d.upstream_model else f"{where}.upstream_model", source)
     tokenizer = _tokenizer(m.tokenizer, f"{where}.tokenizer", source)
     # Left empty for `upstream = "NAME"` (see deployments_of), so such a model reads as it always did.
     return dataclasses.replace(m, deployments=tuple(deployments) if deployments_raw is not None else (),
                                tokenizer=tokenizer)
+
+
+# An Azure deployment name goes into the URL's path: nothing that could leave its segment ('/', '..', '?', '%').
+AZURE_DEPLOYMENT_RE = re.compile(r"(?!\.+$)[A-Za-z0-9._-]+")
+
+
+def _azure_deployment(value: str, key: str, source: str) -> None:
+    if not AZURE_DEPLOYMENT_RE.fullmatch(value):
+        raise ConfigError(f"{source}: {key}: the Azure deployment name {value!r} must be A-Z, a-z, 0-9, '.', '_' "
+                          "and '-', not dots alone (it is part of the URL's path): set upstream_model to the "
+                          "deployment's name")
 
 
 def _tokenizer(value: str, key: str, source: str) -> str:

@@ -239,7 +239,7 @@ class EmbeddingService:
             if misses:
                 misses = await self._settle_misses(keys, misses, found, counts, epoch, dims, readable, ticket)
             trace.cache_hits = len(keys) - len(misses)
-            await self._fetch_misses(req, keys, items, counts, misses, found, own, ticket, trace,
+            await self._fetch_misses(req, team, keys, items, counts, misses, found, own, ticket, trace,
                                      epoch=epoch, dims=dims, readable=readable, cacheable=cacheable)
         except asyncio.CancelledError:  # shutdown: its own upstream calls go on (others share them)
             self._spawn(self._close_unanswered(req, key, ticket, own, at))
@@ -260,7 +260,7 @@ class EmbeddingService:
         return Outcome(entries, positions, prompt, billed, state, ticket, keys)
 
     async def _fetch_misses(
-        self, req: EmbeddingRequest, keys: list[str], items: list[str | list[int]], counts: list[int],
+        self, req: EmbeddingRequest, team: str, keys: list[str], items: list[str | list[int]], counts: list[int],
         misses: list[int], found: list[Entry | None], own: dict[str, asyncio.Future[Entry]], ticket: Ticket | None,
         trace: Trace, *, epoch: int, dims: int, readable: bool, cacheable: bool,
     ) -> None:
@@ -280,7 +280,7 @@ class EmbeddingService:
             own.update((k, futures[k]) for k in owned)
             trace.upstream_inputs += len(owned_idx)
             for part in chunk(owned_idx, counts, spec.max_batch_items, spec.max_batch_tokens):
-                self._spawn(self._fetch(req, [keys[i] for i in part], [items[i] for i in part],
+                self._spawn(self._fetch(req, team, [keys[i] for i in part], [items[i] for i in part],
                                         [counts[i] for i in part], cacheable))
             started = time.perf_counter()
             waited = [futures[keys[i]] for i in misses]
@@ -407,14 +407,15 @@ class EmbeddingService:
             )
 
     async def _fetch(
-        self, req: EmbeddingRequest, keys: list[str], items: list[str | list[int]], counts: list[int],
+        self, req: EmbeddingRequest, team: str, keys: list[str], items: list[str | list[int]], counts: list[int],
         cacheable: bool,
     ) -> None:
         m = self._metrics
         m.upstream_batch_size.labels(req.model).observe(len(items))
         try:
             with m.upstream_latency.labels(req.model).time():
-                result = await self._upstream.embed(req.model, items, counts, req.dimensions, req.user)  # type: ignore[arg-type]
+                result = await self._upstream.embed(
+                    req.model, items, counts, req.dimensions, req.user, team=team)  # type: ignore[arg-type]
         except ProxyError as exc:
             m.observe_upstream_error(req.model, exc)
             helpless = isinstance(exc, UpstreamBadGateway) and exc.kind == "auth"  # the proxy's credentials

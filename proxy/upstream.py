@@ -166,6 +166,8 @@ class UpstreamClient:
         local_counts: Sequence[int],
         dimensions: int | None,
         user: str | None,
+        *,
+        team: str | None = None,  # the fleet's micro-batching keys on it; one call per request here
     ) -> UpstreamResult:
         spec = self._settings.models[model]
         up = self._settings.upstream_for(model)

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.accesslog import AccessLog
@@ -274,6 +275,23 @@ async def test_pacing_keeps_a_rate_limited_upstream_from_answering_429(
     assert metric(proxy, "embedding_proxy_upstream_queue_wait_seconds_count", model=MODEL) == 2
 
 
+async def test_a_calls_waits_for_rate_limits_add_up_to_at_most_max_queue_wait_s(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    limited = await mocks(rpm=1, rate_window_s=1.0)
+    settings = fleet_settings(redis_url, upstream_toml("lim", limited, max_queue_wait_s=1.2),
+                              f'[models."{MODEL}"]\ndimensions = 1536\ndeployments = [{{ upstream = "lim" }}]\n')
+    proxy = await make_proxy(settings)
+    key = await proxy.new_key()
+    assert (await proxy.embed(key, {"model": MODEL, "input": "warm up"})).status == 200  # no request left for ~1 s
+    # distinct users: two calls; both wait for the reset, then one of them for the next window, ~1 s more: 1.2 s
+    # of waiting for it in all is spent before that one ends, so the proxy answers it 429 at once
+    resps = await asyncio.gather(*(proxy.embed(key, {"model": MODEL, "input": f"w{i}", "user": f"u{i}"})
+                                   for i in range(2)))
+    assert sorted(r.status for r in resps) == [200, 429]
+    assert limited.state.requests == 2 and limited.state.rate_limited == 0
+
+
 async def test_pacing_answers_429_itself_or_uses_a_deployment_with_room(
     make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
 ) -> None:
@@ -404,3 +422,31 @@ async def test_upstreams_command_shows_each_deployment(
     monkeypatch.setenv("PROXY_ADMIN_KEY", "wrong")
     assert await asyncio.to_thread(main, ["upstreams", "--url", url]) == 1
     assert "answered 401" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("answer", "admin_key"), [
+    ({"ok": True}, ADMIN),  # JSON, but no data
+    ({"data": [{"model": "m"}]}, ADMIN),  # rows without the fields
+    ({"data": [{f: "x" for f in ("model", "upstream", "kind", "priority", "weight", "state", "cooling_down_until",
+                                 "paused_until", "last_error", "remaining_requests", "remaining_tokens")}]}, ADMIN),
+    ({"data": []}, "admin-schl\u00fcssel"),  # an admin key that cannot travel in a header
+])
+async def test_upstreams_command_refuses_what_is_not_the_proxys_answer_in_one_line(
+    answer: dict[str, Any], admin_key: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = web.Application()
+
+    async def upstreams(_: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    app.router.add_get("/admin/upstreams", upstreams)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        monkeypatch.setenv("PROXY_ADMIN_KEY", admin_key)
+        monkeypatch.delenv("PROXY_CONFIG", raising=False)
+        assert await asyncio.to_thread(main, ["upstreams", "--url", str(server.make_url("/"))]) in (1, 2)
+    finally:
+        await server.close()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1

@@ -108,6 +108,18 @@ def test_deployments_are_read_and_upstream_name_stays_valid() -> None:
         ("[models.m]\ndimensions = 4\ntokenizer = 'hf:/no/such/tokenizer.json'\n",
          "models.m.tokenizer: cannot load the tokenizer file /no/such/tokenizer.json"),
         ("[models.m]\ndimensions = 4\ntokenizer = 'o200k'\n", "models.m.tokenizer must be one of"),
+        ("[models.m]\ndimensions = 4\ndeployments = [{ weight = 2 }]\n",
+         "models.m.deployments[0].upstream is required"),
+        ("[cache]\nlocal_ttl_s = inf\n", "cache.local_ttl_s must be a finite number, not inf"),
+        ("[keys]\ncache_s = nan\n", "keys.cache_s must be a finite number, not nan"),
+        ("[upstreams.az]\nkind = 'azure'\napi_version = 'v'\n[models.m]\ndimensions = 4\n"
+         "deployments = [{ upstream = 'az', upstream_model = '../../admin' }]\n",
+         "models.m.deployments[0].upstream_model: the Azure deployment name '../../admin' must be"),
+        ("[upstreams.az]\nkind = 'azure'\napi_version = 'v'\n[models.m]\ndimensions = 4\n"
+         "deployments = [{ upstream = 'az', upstream_model = '..' }]\n",
+         "models.m.deployments[0].upstream_model: the Azure deployment name '..' must be"),
+        ("[upstreams.az]\nkind = 'azure'\napi_version = 'v'\n[models.'org/m']\ndimensions = 4\nupstream = 'az'\n",
+         "models.org/m.upstream_model: the Azure deployment name 'org/m' must be"),
     ],
 )
 def test_bad_fleet_config_is_one_clear_error(text: str, message: str) -> None:
@@ -178,6 +190,20 @@ def test_budget_counts_calls_in_flight_when_headers_arrive() -> None:
     assert b.remaining(0.5) == (9, 93)
 
 
+def test_after_a_reset_the_limit_is_there_once() -> None:
+    b = Budget()
+    b.take(1, 100.0)
+    b.observe({"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-requests": "2s"}, 100.0, 1)
+    b.done(1)
+    assert b.wait(1, 101.0) == 1.0
+    for _ in range(3):  # after the reset at 102: the whole limit, once
+        assert b.wait(1, 102.5) == 0.0
+        b.take(1, 102.5)
+    assert b.remaining(102.5) == (0, None)  # this process's sends since the reset are taken from it
+    assert b.wait(1, 102.5) == 2.0  # until the next reset: within the longest window the upstream named (2 s)
+
+
 # --- router ---------------------------------------------------------------------------------------------------
 
 
@@ -242,7 +268,7 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
@@ -262,7 +288,7 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     assert calls == [["x0"], ["x9"]]  # another user is another lane
     gate.set()
     results = await asyncio.gather(first, *rest, other_user)
-    # two waiting calls fill the next (4 items): it went at once; the third followed when a call finished
+    # two waiting calls fill the next (4 items): it went at once; the third followed after the join window
     assert calls[2:] == [["x1", "x11", "x2", "x12"], ["x3", "x13"]]
     for (result, served), expected in zip(results[1:4], ([1, 11], [2, 12], [3, 13]), strict=True):
         assert served == "a"
@@ -277,7 +303,7 @@ async def test_batcher_fails_every_caller_and_retries_a_400_alone() -> None:
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
@@ -308,3 +334,50 @@ def test_readiness_needs_no_key_for_a_keyless_upstream() -> None:
                      '[upstreams.oa]\nbase_url = "https://api.example.com/v1"\napi_key_env = "OA_KEY"\n',
                      "/etc/proxy.toml", {"UPSTREAM_API_KEY": "k"})
     assert upstream_problems(s) == ["upstream oa: $OA_KEY is not set"]
+
+
+async def test_batcher_a_merged_call_leaves_while_another_is_in_flight_with_the_earliest_deadline() -> None:
+    calls: list[tuple[list[str], float]] = []
+    gate = asyncio.Event()
+
+    async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+        calls.append((list(inputs), asked))  # type: ignore[arg-type]
+        if len(calls) == 1:
+            await gate.wait()  # the first call stalls
+        return UpstreamResult(np.zeros((len(inputs), 2), dtype="<f4"), list(counts)), "a"
+
+    batcher = MicroBatcher(call, lambda model: (100, 1000))
+    stalled = asyncio.create_task(batcher.submit("m", ["s"], [1], None, None, asked=1.0))
+    await asyncio.sleep(0)
+    joined = [asyncio.create_task(batcher.submit("m", [x], [1], None, None, asked=t))
+              for x, t in (("x", 5.0), ("y", 3.0))]
+    done, _ = await asyncio.wait(joined, timeout=5.0)
+    assert done == set(joined)  # the stalled call held no one up
+    assert calls == [(["s"], 1.0), (["x", "y"], 3.0)]  # its deadline counts from when its earliest request asked
+    gate.set()
+    await stalled
+
+
+async def test_batcher_merges_within_a_team_only() -> None:
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
+                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+        calls.append(list(inputs))  # type: ignore[arg-type]
+        if inputs[0] in ("r0", "b0"):
+            await gate.wait()
+        return UpstreamResult(np.zeros((len(inputs), 2), dtype="<f4"), list(counts)), "a"
+
+    def submit(x: str) -> asyncio.Task[tuple[UpstreamResult, str]]:
+        return asyncio.create_task(batcher.submit("m", [x], [1], None, None, team={"r": "red", "b": "blue"}[x[0]]))
+
+    batcher = MicroBatcher(call, lambda model: (100, 1000))
+    first = [submit("r0"), submit("b0")]
+    await asyncio.sleep(0)
+    rest = [submit(x) for x in ("r1", "b1", "r2", "b2")]
+    await asyncio.wait(rest, timeout=5.0)
+    gate.set()
+    await asyncio.gather(*first, *rest)
+    assert sorted(calls) == [["b0"], ["b1", "b2"], ["r0"], ["r1", "r2"]]

@@ -74,20 +74,30 @@ class FleetClient:
         local_counts: Sequence[int],
         dimensions: int | None,
         user: str | None,
+        *,
+        team: str | None = None,
     ) -> UpstreamResult:
+        """`team`: the requesting key's team; calls merge only within a team (their usage is shared by counts)."""
+        asked = self._clock()
         if self._batcher is not None and self._settings.models[model].micro_batching:
-            result, served = await self._batcher.submit(model, inputs, local_counts, dimensions, user)
+            result, served = await self._batcher.submit(model, inputs, local_counts, dimensions, user, team=team,
+                                                        asked=asked)
         else:
             self._observe_call(model, 1, len(inputs))
-            result, served = await self._call(model, inputs, list(local_counts), dimensions, user)
+            result, served = await self._call(model, inputs, list(local_counts), dimensions, user, asked)
         names = SERVED_BY.get()
         if names is not None and served not in names:
             names.append(served)
         return result
 
     def _limits(self, model: str) -> tuple[int, int]:
+        """What one merged call may carry: the model's batch limits, and no more tokens than the largest tokens
+        per window any of its deployments allows by its headers (a larger call could never fit anywhere: sent, it
+        would only be answered 429). Without a known limit on some deployment, the upstream decides."""
         spec = self._settings.models[model]
-        return spec.max_batch_items, spec.max_batch_tokens
+        allowed = max((d.budget.tokens.limit or math.inf for d in self.router.models[model]), default=math.inf)
+        tokens = spec.max_batch_tokens if math.isinf(allowed) else min(spec.max_batch_tokens, int(allowed))
+        return spec.max_batch_items, max(tokens, 1)
 
     def _observe_call(self, model: str, callers: int, inputs: int) -> None:
         if self._metrics is not None:
@@ -95,11 +105,12 @@ class FleetClient:
 
     async def _call(
         self, model: str, inputs: list[str] | list[list[int]], counts: list[int], dimensions: int | None,
-        user: str | None,
+        user: str | None, asked: float,
     ) -> Served:
+        """One upstream call for requests the earliest of which asked at `asked` (its deadline counts from then)."""
         spec = self._settings.models[model]
         deployments = self.router.models[model]
-        deadline = self._clock() + max(d.settings.deadline_s for d in deployments)
+        deadline = asked + max(d.settings.deadline_s for d in deployments)
         retries = max(d.settings.max_retries for d in deployments)
         tokens = sum(counts)
         dims = dimensions or spec.dimensions
@@ -109,7 +120,11 @@ class FleetClient:
         error: ProxyError | None = None
         retry_after: float | None = None
         previous: Deployment | None = None
-        waited = False
+        # After any sleep the deployment is chosen again (cooldowns and budgets change meanwhile). A wait for a
+        # deployment to come back (or for a rate limit's reset) is followed by an attempt, retries left or not: a
+        # wait that ends without a call would be for nothing. A backoff's retry was counted before its sleep.
+        waited = backed_off = False
+        rate_waited = 0.0  # max_queue_wait_s bounds this call's waits for rate limits in all, not each
         while True:
             now = self._clock()
             if now >= deadline:
@@ -117,17 +132,27 @@ class FleetClient:
             choice = self.router.choose(model, tokens, now, tried, refused)
             d = choice.deployment
             if d is None:
-                if choice.wait > choice.max_wait or choice.wait >= deadline - now:
+                max_wait = choice.max_wait - rate_waited if choice.rate_limited else choice.max_wait
+                if choice.wait > max_wait or choice.wait >= deadline - now:
                     raise self._refusal(model, choice, error)
                 await self._queue(model, choice.wait)
+                if choice.rate_limited:
+                    rate_waited += choice.wait
                 waited = True
                 continue
-            if d.upstream in tried:  # every deployment that can take the call has failed it: a retry
-                assert error is not None  # it was tried, and it failed
-                if retries == 0:
-                    raise error
-                retries -= 1
-                if not waited:
+            if error is not None and not backed_off:
+                assert previous is not None
+                if d.upstream not in tried:  # a failover, at once
+                    self._retrying(model, sum(tried.values()), error, 0.0)
+                    if self._metrics is not None:
+                        self._metrics.add(self._metrics.upstream_failovers, model, previous.upstream)
+                elif waited:  # it came back: try it
+                    retries = max(retries - 1, 0)
+                    self._retrying(model, sum(tried.values()), error, 0.0)
+                else:  # every deployment that can take the call has failed it: a retry, after a backoff
+                    if retries == 0:
+                        raise error
+                    retries -= 1
                     used = max(d.settings.max_retries - retries - 1, 0)
                     wait = retry_after if retry_after is not None else self._rng.uniform(
                         0, min(_MAX_BACKOFF_S, d.settings.backoff_base_s * 2**used))
@@ -135,13 +160,9 @@ class FleetClient:
                         raise error
                     self._retrying(model, sum(tried.values()), error, wait)
                     await self._sleep(wait)
-                else:
-                    self._retrying(model, sum(tried.values()), error, 0.0)
-            elif error is not None:
-                self._retrying(model, sum(tried.values()), error, 0.0)
-                if previous is not None and self._metrics is not None:
-                    self._metrics.add(self._metrics.upstream_failovers, model, previous.upstream)
-            waited = False
+                    backed_off = True
+                    continue
+            waited = backed_off = False
             tried[d.upstream] = tried.get(d.upstream, 0) + 1
             shape = (d.settings.kind, d.upstream_model)
             if shape not in payloads:

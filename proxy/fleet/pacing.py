@@ -53,12 +53,13 @@ def _int(headers: Mapping[str, str], name: str) -> int | None:
 class _Limit:
     """One dimension (requests or tokens) of one deployment's upstream rate limit."""
 
-    __slots__ = ("limit", "remaining", "reset_at")
+    __slots__ = ("limit", "remaining", "reset_at", "window")
 
     def __init__(self) -> None:
         self.limit: int | None = None
         self.remaining: int | None = None  # None: unknown, every call fits
         self.reset_at = 0.0
+        self.window = 0.0  # the longest reset the upstream named: how long a full window lasts, at most
 
     def observe(self, headers: Mapping[str, str], name: str, now: float, in_flight: int) -> None:
         remaining = _int(headers, f"x-ratelimit-remaining-{name}")
@@ -69,10 +70,14 @@ class _Limit:
         self.remaining = max(0, remaining - in_flight)
         reset = parse_duration(headers.get(f"x-ratelimit-reset-{name}", ""))
         self.reset_at = now + reset if reset is not None else now
+        self.window = max(self.window, reset or 0.0)
 
     def current(self, now: float) -> int | None:
         if self.remaining is not None and now >= self.reset_at:
-            self.remaining = self.limit  # the window has reset: the whole limit again (unknown without one)
+            # The window has reset: the whole limit again (unknown without one), once. What this process sends from
+            # now on is taken from it until an answer's headers say more; the new window ends within `window`.
+            self.remaining = self.limit
+            self.reset_at = now + self.window
         return self.remaining
 
     def wait(self, amount: int, now: float) -> float:
