@@ -1,0 +1,90 @@
+"""Defects found by trying to break issue 12's console, cache stats and purges, and the metrics token (break12).
+
+Each test reproduces one defect against real servers (private redis-servers, the mock upstream, the proxy on a real
+socket) and fails on the code as it was when found."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from proxy.store import StoreUnavailable
+from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.helpers import until
+
+pytestmark = pytest.mark.redis
+SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
+ADMIN = "break12-admin-key-0123456789"
+AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+NO_REREAD = "[cache]\ngenerations_refresh_s = 600\n[redis]\nretry_interval_s = 0.2\n"
+
+
+async def x_cache(proxy: Proxy, key: str, model: str, text: str) -> str:
+    resp = await proxy.embed(key, {"model": model, "input": [text]})
+    assert resp.status == 200, await resp.text()
+    cache: str = resp.headers["x-cache"]
+    return cache
+
+
+async def purge(proxy: Proxy, body: dict[str, Any]) -> tuple[int, Any]:
+    resp = await proxy.client.post("/admin/cache/purge", json=body, headers=AS_ADMIN)
+    return resp.status, await resp.json()
+
+
+async def again(call: Any) -> Any:
+    """`call()` until the proxy's store answers again after a Redis restart (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "redis did not come back within 10 s"
+            await asyncio.sleep(0.1)
+
+
+async def test_a_purge_after_the_state_store_lost_its_generations_still_purges(
+    make_proxy: Any, upstream: Upstream, own_redis: RedisServer
+) -> None:
+    """A running proxy knows generation 1 of a model; the state store restarts without its data (no persistence,
+    a crash before the RDB save, a failover to a replica that had not got the HINCRBY). The next purge's HINCRBY
+    answers 1 again: the proxy already has 1, so nothing changes and the vector the purge was meant to drop is still
+    served from its in-process tier (and from Redis, when the cache store is another server)."""
+    settings = make_settings(upstream.base_url, own_redis.url, NO_REREAD, PROXY_ADMIN_KEY=ADMIN)
+    proxy = await make_proxy(settings)
+    key = await proxy.new_key()
+    assert (await purge(proxy, {"model": SMALL}))[1]["generation"] == 1
+    assert await x_cache(proxy, key, SMALL, "model v2 text") == "miss"
+    await settle(proxy)
+    assert await x_cache(proxy, key, SMALL, "model v2 text") == "hit"
+
+    own_redis.stop()
+    own_redis.start()  # empty: no generations any more (and no keys: the test makes its key again)
+    key = await again(lambda: proxy.new_key())
+    status, body = await purge(proxy, {"model": SMALL})
+    assert status == 200, body
+    assert await x_cache(proxy, key, SMALL, "model v2 text") == "miss"
+
+
+async def test_an_instance_started_after_the_state_store_lost_its_generations_does_not_serve_purged_entries(
+    make_proxy: Any, upstream: Upstream, redis_url: str, own_redis: RedisServer
+) -> None:
+    """Entries live in the cache store, their model's generation in the state store. When the state store comes
+    back without its data while the cache store kept its entries, an instance that starts then reads no generation
+    (0): its keys are the keys from before the first purge, and it serves the purged vectors again."""
+    settings = make_settings(upstream.base_url, own_redis.url, NO_REREAD, PROXY_ADMIN_KEY=ADMIN,
+                             CACHE_REDIS_URL=redis_url, PROXY_CACHE_SECRET="break12-cache-secret")
+    a = await make_proxy(settings)
+    key = await a.new_key()
+    assert await x_cache(a, key, SMALL, "model v1 text") == "miss"
+    await settle(a)
+    assert (await purge(a, {"model": SMALL}))[1]["generation"] == 1  # the model behind the name changed
+    assert await x_cache(a, key, SMALL, "model v1 text") == "miss"
+
+    own_redis.stop()
+    own_redis.start()  # the state store, empty; the cache store still holds the entries of both generations
+    late = await make_proxy(settings)
+    key = await again(lambda: late.new_key())
+    assert await x_cache(late, key, SMALL, "model v1 text") == "miss"
