@@ -14,6 +14,7 @@ import pytest
 from proxy.store import StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import until
+from tests.redis_servers import SENTINEL_MASTER, SentinelSet
 
 pytestmark = pytest.mark.redis
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
@@ -88,3 +89,21 @@ async def test_an_instance_started_after_the_state_store_lost_its_generations_do
     late = await make_proxy(settings)
     key = await again(lambda: late.new_key())
     assert await x_cache(late, key, SMALL, "model v1 text") == "miss"
+
+
+async def test_cache_stats_when_the_sentinels_no_longer_know_the_master_is_not_a_500(
+    make_proxy: Any, upstream: Upstream, sentinel_set: SentinelSet
+) -> None:
+    """The sentinels forget the master at run time (SENTINEL REMOVE, sentinels redeployed without their config):
+    GET /admin/cache asks the sentinels for the master again (stores/topology.py masters()), which raises
+    TopologyError; operator_call (store.py) only maps Redis and OS errors to StoreUnavailable, so it reaches the
+    error middleware as an unhandled exception: a 500 "internal error" instead of a 503 that says why.
+    (Pooled connections to the master keep the other routes working meanwhile.)"""
+    settings = make_settings(upstream.base_url, sentinel_set.url, PROXY_ADMIN_KEY=ADMIN, REDIS_TYPE="sentinel")
+    proxy = await make_proxy(settings)
+    resp = await proxy.client.get("/admin/cache", headers=AS_ADMIN)
+    assert resp.status == 200, await resp.text()
+    for s in sentinel_set.sentinels:
+        s.client().execute_command("SENTINEL", "REMOVE", SENTINEL_MASTER)
+    resp = await proxy.client.get("/admin/cache", headers=AS_ADMIN)
+    assert resp.status == 503, await resp.text()
