@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,10 @@ from proxy.store import StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import until
 from tests.redis_servers import SENTINEL_MASTER, SentinelSet
+from tests.stack import start_mock, start_proxy, wait_http
+from tests.test_console import ADMIN as CONSOLE_ADMIN
+from tests.test_console import CONFIG as CONSOLE_CONFIG
+from tests.test_console import _chromium, _expect, _playwright, sign_in
 
 pytestmark = pytest.mark.redis
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
@@ -107,3 +112,39 @@ async def test_cache_stats_when_the_sentinels_no_longer_know_the_master_is_not_a
         s.client().execute_command("SENTINEL", "REMOVE", SENTINEL_MASTER)
     resp = await proxy.client.get("/admin/cache", headers=AS_ADMIN)
     assert resp.status == 503, await resp.text()
+
+
+def test_a_console_reloaded_while_redis_is_down_keeps_its_sign_in(own_redis: RedisServer, tmp_path: Path) -> None:
+    """Signed in, the operator reloads the console while the state store is down. The start-up sign-in with the
+    saved key gets the admin API's 503, and app.js (`signIn(saved).catch((err) => signOut(err.message))`, at the
+    end of the file) treats any failure as a refused key: it deletes the key from sessionStorage. Once Redis is
+    back the console shows the sign-in form again and the admin key must be fetched and typed anew. Only a 401
+    (the request() helper already signs out on it) means the key is wrong."""
+    chromium, sync_playwright = _chromium(), _playwright()
+    expect = _expect()
+    mock, mock_url = start_mock(tmp_path)
+    servers = [mock]
+    try:
+        proxy, url = start_proxy(tmp_path, mock_url, own_redis.url, CONSOLE_CONFIG, workers=1,
+                                 env={"PROXY_ADMIN_KEY": CONSOLE_ADMIN})
+        servers.append(proxy)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(15_000)
+                page.goto(url + "/admin/ui/")
+                sign_in(page)
+                own_redis.stop()
+                page.reload()
+                expect(page.get_by_role("alert")).to_have_text(
+                    "The key and quota store is unreachable. Please retry.")  # the start-up sign-in got the 503
+                own_redis.start()
+                wait_http(url + "/readyz")
+                page.reload()
+                expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+            finally:
+                browser.close()
+    finally:
+        for s in reversed(servers):
+            s.stop()
