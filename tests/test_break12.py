@@ -14,6 +14,7 @@ import pytest
 
 from proxy.store import StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.forwarder import Forwarder
 from tests.helpers import until
 from tests.redis_servers import SENTINEL_MASTER, SentinelSet
 from tests.stack import start_mock, start_proxy, wait_http
@@ -148,3 +149,37 @@ def test_a_console_reloaded_while_redis_is_down_keeps_its_sign_in(own_redis: Red
     finally:
         for s in reversed(servers):
             s.stop()
+
+
+async def test_an_instance_cut_off_from_the_state_store_stops_serving_a_model_purged_meanwhile(
+    make_proxy: Any, upstream: Upstream, redis_url: str, own_redis: RedisServer
+) -> None:
+    """Instance b loses its connection to the state store (a network partition: a goes on reaching it) but still
+    reaches the cache store. a purges the model. b cannot hear the announcement nor re-read the generations
+    (generations.py run(): the failure is suppressed and the last generations stay in force without limit), so b
+    serves the purged vectors from its in-process tier and from the cache store for as long as the partition lasts,
+    where the issue asks every instance to stop within seconds. Expected: generations not confirmed for a few
+    refresh intervals count as unknown, and the cache is bypassed (as it is before the first read)."""
+    config = "[cache]\ngenerations_refresh_s = 0.2\n[redis]\nretry_interval_s = 0.2\n"
+    env = {"PROXY_ADMIN_KEY": ADMIN, "CACHE_REDIS_URL": own_redis.url, "PROXY_CACHE_SECRET": "break12-secret"}
+    fwd = Forwarder(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    await fwd.start()
+    try:
+        a = await make_proxy(make_settings(upstream.base_url, redis_url, config, **env))
+        b = await make_proxy(make_settings(upstream.base_url, fwd.url, config, **env))
+        key = await a.new_key()
+        assert await x_cache(a, key, SMALL, "partitioned") == "miss"
+        await settle(a)
+        assert await x_cache(b, key, SMALL, "partitioned") == "hit"  # and now in b's memory tier
+        assert await x_cache(b, key, LARGE, "other model") == "miss"
+
+        await fwd.close()  # b is cut off from the state store; its key stays valid (keys.offline_grace_s)
+        assert (await purge(a, {"model": SMALL}))[0] == 200
+        assert await x_cache(a, key, SMALL, "partitioned") == "miss"
+
+        deadline = time.monotonic() + 10
+        while (seen := await x_cache(b, key, SMALL, "partitioned")) == "hit" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert seen == "miss", "b still served the purged model's entry 10 s after the purge"
+    finally:
+        await fwd.close()
