@@ -2,7 +2,8 @@
 
     GET  /admin/keys[?team=T]             key records (ids, names, limits; never a key or its hash)
     POST /admin/keys                      {team, name?, models?, expires_in_s?, rpm?, tpm?, tokens_per_day?,
-                                           tokens_per_month?} -> 201 with the new `key`, shown this once
+                                           tokens_per_month?} -> 201 with the new `key`, shown this once;
+                                          name: at most 200 characters
     GET  /admin/keys/{id}                 one record
     PATCH /admin/keys/{id}                {rpm?, tpm?, tokens_per_day?, tokens_per_month?}: 0 or null clears
     POST /admin/keys/{id}/revoke          revoked at once on every instance
@@ -17,6 +18,7 @@
                                           last error, remaining requests and tokens by the upstream's headers)
     GET  /admin/cache                     entries and memory per cache server, hit ratios, purge generations
     POST /admin/cache/purge               {model, team?}: that model's cached vectors are never served again
+                                          (for that team alone under cache scope "team"; no team: every team)
 
 Without PROXY_ADMIN_KEY set, every admin route answers 403. A gateway key is not an admin key (403). The stores
 behind these routes make operator calls (`redis.operator_timeout_s`, never marking Redis down for requests).
@@ -37,11 +39,11 @@ import orjson
 from aiohttp import web
 
 from .body import read_json_object
-from .cachestats import StoreRef, cache_stats
-from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from .cachestats import StatsUnavailable, StoreRef, cache_stats
+from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
 from .fleet import FleetClient
 from .generations import CacheGenerations, PurgeRefused
-from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, secret_bytes
+from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, check_key_name, secret_bytes
 from .limits import Limits, check_team
 from .rediskeys import RedisKeys
 from .routing import expect_continue
@@ -145,6 +147,10 @@ async def create_key(request: web.Request) -> web.Response:
         raise InvalidRequest("'team' is required.", param="team")
     if not isinstance(name, str):
         raise InvalidRequest("'name' must be a string.", param="name")
+    try:
+        check_key_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(f"{str(exc)[:1].upper()}{str(exc)[1:]}.", param="name") from None
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise InvalidRequest("'models' must be a list of model names.", param="models")
     unknown = [m for m in models if m not in request.app[MODELS]]
@@ -284,7 +290,11 @@ async def cache(request: web.Request) -> web.Response:
     c = request.app[CACHE]
     with contextlib.suppress(StoreUnavailable):
         await c.ledger.flush(wait_s=REPORT_FLUSH_WAIT_S)  # this process's latest hits too
-    body = await cache_stats(c.stores, c.keys, c.generations, c.ledger, request.app[PRICES], parse_day(None, "day"))
+    try:
+        body = await cache_stats(c.stores, c.keys, c.generations, c.ledger, request.app[PRICES],
+                                 parse_day(None, "day"))
+    except StatsUnavailable as exc:  # names the store that failed, and why (a 503 like any store failure)
+        raise ServiceUnavailable(f"{str(exc)[:1].upper()}{str(exc)[1:]}. Please retry.") from None
     body["process"] = c.process()
     return _json(body)
 
@@ -298,8 +308,8 @@ async def purge_cache(request: web.Request) -> web.Response:
     if team is not None and not isinstance(team, str):
         raise InvalidRequest("'team' must be a team name, or null for every team.", param="team")
     generations = request.app[CACHE].generations
-    try:
-        done = await generations.purge(model, team or None)
+    try:  # only an absent (or null) team means every team: "" is a bad team name, never "all"
+        done = await generations.purge(model, team)
     except PurgeRefused as exc:
         raise InvalidRequest(exc.message, param=exc.param,
                              code="model_not_found" if exc.param == "model" else None) from None

@@ -37,11 +37,20 @@ async def listen(client: Any, channels: Sequence[Channel], retry_s: float = 1.0)
                 async for message in pubsub.listen():
                     channel, data = by_name.get(message.get("channel")), message.get("data")
                     if channel is not None and isinstance(data, bytes):
-                        channel.message(data)
+                        _hand(channel, data)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the connection dropped (or a handler failed): catch up, try again
+        except Exception as exc:  # the connection dropped: catch up, try again
             log.warning("subscription to key changes and cache purges lost (%s); retrying", type(exc).__name__)
             for c in channels:
                 c.lost()
         await asyncio.sleep(retry_s)
+
+
+def _hand(channel: Channel, data: bytes) -> None:
+    """One message to its handler: a message its handler cannot take (anyone may PUBLISH) is logged and dropped,
+    never the subscription that carries every other channel's."""
+    try:
+        channel.message(data)
+    except Exception:
+        log.exception("message on %s ignored: its handler failed on %r", channel.name, data[:200])

@@ -334,7 +334,7 @@ def create_app(
     cache = EmbeddingCache(cache_store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret, state=store)
     tokenizers = {spec.tokenizer: make_tokenizer(spec.tokenizer) for spec in settings.models.values()}
     ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
-    generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope)
+    generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope, cache_store=cache_store)
     service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock, generations=generations)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[CACHE_STORE] = cache_store

@@ -26,8 +26,8 @@ from .generations import CacheGenerations
 from .localcache import LocalCache
 from .metrics import Metrics
 from .rediskeys import RedisKeys
-from .store import Store
-from .stores.topology import masters
+from .store import Store, StoreUnavailable
+from .stores.topology import describe, masters
 from .usage import UsageLedger
 
 SCAN_LIMIT = 1000
@@ -39,6 +39,15 @@ class StoreRef:
     role: str  # "cache", or "state and cache" when the cache lives in the state store
     store: Store
     settings: RedisSettings
+
+
+class StatsUnavailable(StoreUnavailable):
+    """A store the report reads did not answer; the message names the store and why, for the operator."""
+
+
+def _unavailable(role: str, exc: StoreUnavailable) -> StatsUnavailable:
+    which = "the cache store (CACHE_REDIS_URL)" if role == "cache" else "the key and quota store (REDIS_URL)"
+    return StatsUnavailable(f"{which} is unreachable: {describe(exc).rstrip('.')}")
 
 
 def _ratio(part: int, whole: int) -> float | None:
@@ -98,7 +107,7 @@ async def _server(role: str, node: str, r: Any, entries: _Entries) -> tuple[dict
 
 
 async def store_stats(ref: StoreRef, keys: RedisKeys) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """One row per server of the store, and the entries per team across them. Raises StoreUnavailable."""
+    """One row per server of the store, and the entries per team across them. Raises StatsUnavailable."""
     entries = _Entries(keys)
 
     async def read(client: Any) -> tuple[list[dict[str, Any]], Counter[str]]:
@@ -115,23 +124,29 @@ async def store_stats(ref: StoreRef, keys: RedisKeys) -> tuple[list[dict[str, An
             teams.update(t)
         return [row for row, _ in results], teams
 
-    return await ref.store.operator_call("cache-stats", read)
+    try:
+        return await ref.store.operator_call("cache-stats", read)
+    except StoreUnavailable as exc:
+        raise _unavailable(ref.role, exc) from exc
 
 
 async def cache_stats(
     stores: Sequence[StoreRef], keys: RedisKeys, generations: CacheGenerations, ledger: UsageLedger,
     prices: dict[str, float], day: dt.date,
 ) -> dict[str, Any]:
-    """The report (without the answering process's own counters). Raises StoreUnavailable."""
+    """The report (without the answering process's own counters). Raises StatsUnavailable."""
     rows: list[dict[str, Any]] = []
     teams: Counter[str] = Counter()
     for ref in stores:
         found, per_team = await store_stats(ref, keys)
         rows.extend(found)
         teams.update(per_team)
-    await generations.refresh()
-    gens = generations.generations()
-    usage = await ledger.report(None, day, day, "model", prices)
+    try:
+        await generations.refresh()  # from either store: only both failing fails it
+        gens = generations.generations()
+        usage = await ledger.report(None, day, day, "model", prices)
+    except StoreUnavailable as exc:
+        raise _unavailable("state", exc) from exc
     tokens: dict[str, list[int]] = {}
     for u in usage:
         t = tokens.setdefault(u["model"], [0, 0])

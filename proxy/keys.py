@@ -29,6 +29,15 @@ _KEY_RE = re.compile(r"sk-gateway-[A-Za-z0-9_-]{32,}")  # fullmatch: `$` would a
 # The longest a key may live, or stay usable after a rotation: beyond this an expiry is a typo, and times far
 # enough in the future are not dates at all (a record expiring in 1e300 s cannot be printed).
 MAX_LIFETIME_S = 10 * 365 * 86400
+# A key's name is a label for people (lists, the console, usage exports): longer is a paste gone wrong, and every
+# listing of keys would carry it.
+MAX_NAME_CHARS = 200
+
+
+def check_key_name(name: str) -> str:
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"key names are at most {MAX_NAME_CHARS} characters (this one has {len(name)})")
+    return name
 
 
 def generate_key() -> str:
@@ -155,6 +164,7 @@ class KeyStore:
         lineage: str = "",
     ) -> tuple[str, KeyRecord]:
         check_team(team)
+        check_key_name(name)
         key = generate_key()
         key_id = new_key_id()
         record = KeyRecord(key_id, team, name, self._clock(), expires_at, False, models, limits,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
-from .cachestats import StoreRef, cache_stats
+from .cachestats import StatsUnavailable, StoreRef, cache_stats
 from .config import Settings
 from .errors import KeyNotActive
 from .generations import CacheGenerations, PurgeRefused
@@ -211,39 +211,49 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     async def run(store: Store, rkeys: RedisKeys) -> int:
-        generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope)
-        if args.cache_cmd == "purge":
-            try:
-                done = await generations.purge(args.model, args.team)
-            except PurgeRefused as exc:
-                return _fail(exc.message)
-            whose = f" for team {done.team}" if done.team else ""
-            print(f"purged {done.model}{whose}: generation {done.generation}; every proxy stops serving its old "
-                  f"entries within seconds (they leave Redis by TTL or eviction)")
-            return 0
         if not settings.cache_redis.url:
-            return await _stats(args, settings, (StoreRef("state and cache", store, settings.redis),), store,
-                                rkeys, generations)
+            return await _cache(args, settings, store, None, rkeys)
         cache_settings = dataclasses.replace(settings.cache_redis,
                                              socket_timeout_s=settings.cache_redis.operator_timeout_s)
         try:
-            cache_store = Store(connect(cache_settings, "CACHE_REDIS_URL")[0], cache_settings)
+            cache_store = Store(connect(cache_settings, "CACHE_REDIS_URL")[0], cache_settings, name="cache redis")
         except TopologyError as exc:
             return _fail(str(exc), 1)
         try:
-            refs = (StoreRef("cache", cache_store, cache_settings), StoreRef("state", store, settings.redis))
-            return await _stats(args, settings, refs, store, rkeys, generations)
+            return await _cache(args, settings, store, cache_store, rkeys)
         finally:
             await cache_store.close()
 
     return asyncio.run(_with_store(settings, run))
 
 
+async def _cache(args: argparse.Namespace, settings: Settings, store: Store, cache_store: Store | None,
+                 rkeys: RedisKeys) -> int:
+    # the cache store too: a purge writes its generation there, and reads what it holds (proxy/generations.py)
+    generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope, cache_store=cache_store)
+    if args.cache_cmd == "purge":
+        try:
+            done = await generations.purge(args.model, args.team)
+        except PurgeRefused as exc:
+            return _fail(exc.message)
+        whose = f" for team {done.team}" if done.team else ""
+        print(f"purged {done.model}{whose}: generation {done.generation}; every proxy stops serving its old "
+              f"entries within seconds (they leave Redis by TTL or eviction)")
+        return 0
+    refs = ((StoreRef("state and cache", store, settings.redis),) if cache_store is None else
+            (StoreRef("cache", cache_store, settings.cache_redis), StoreRef("state", store, settings.redis)))
+    return await _stats(args, settings, refs, store, rkeys, generations)
+
+
 async def _stats(args: argparse.Namespace, settings: Settings, refs: tuple[StoreRef, ...], state: Store,
                  rkeys: RedisKeys, generations: CacheGenerations) -> int:
     ledger = UsageLedger(state, rkeys, retention_days=settings.usage.retention_days)
     prices = {name: spec.price_per_million_tokens for name, spec in settings.models.items()}
-    stats = await cache_stats(refs, rkeys, generations, ledger, prices, datetime.datetime.now(datetime.UTC).date())
+    try:
+        stats = await cache_stats(refs, rkeys, generations, ledger, prices,
+                                  datetime.datetime.now(datetime.UTC).date())
+    except StatsUnavailable as exc:  # one line that names the store and why
+        return _fail(str(exc), 1)
     if args.json:
         print(orjson.dumps(stats).decode())
         return 0

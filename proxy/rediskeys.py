@@ -6,7 +6,8 @@
     {prefix}:keyid:{key_id}            string: sha256 of the key with that id
     {prefix}:keys                      sorted set: key ids by creation time
     {prefix}:keys:changed              pub/sub channel: sha256 of a key whose record changed
-    {prefix}:cache-gen                 hash: purge generations, `m:{model}` and `t:{team}:{model}` -> count
+    {prefix}:cache-gen                 hash: purge generations, `m:{model}` and `t:{team}:{model}` -> generation
+                                       (in the state store, and a copy in the cache store when it has its own)
     {prefix}:cache-gen:changed         pub/sub channel: `{generation} {field}` after a purge
     {prefix}:meta:cache-secret         string: the deployment's cache secret when PROXY_CACHE_SECRET is unset
     {prefix}:team:{team}               hash: a team's quota limits set at run time (CLI, admin API)

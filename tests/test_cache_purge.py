@@ -222,7 +222,8 @@ async def test_stats_of_a_cache_store_of_its_own(
     stats = await resp.json()
     cache_row, state_row = stats["stores"]
     assert {k: cache_row[k] for k in ("store", "node", "keys", "entries", "estimated", "maxmemory_policy")} == {
-        "store": "cache", "node": "", "keys": 4, "entries": 4, "estimated": False, "maxmemory_policy": "noeviction"}
+        "store": "cache", "node": "", "keys": 5, "entries": 4, "estimated": False, "maxmemory_policy": "noeviction"}
+    assert own_redis.client().hgetall("ep:cache-gen") == {f"m:{LARGE}".encode(): b"1"}  # the fifth key: the copy
     assert state_row["store"] == "state" and state_row["entries"] == 0 and state_row["keys"] > 0
     assert cache_row["memory_bytes"] > 0 and cache_row["evicted_keys"] == 0 and cache_row["maxmemory_bytes"] is None
     assert stats["memory_bytes"] == cache_row["memory_bytes"]  # the cache's servers only

@@ -25,6 +25,13 @@ def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_keys_create_refuses_a_name_beyond_200_characters(redis_url: str) -> None:
+    long = cli(redis_url, "keys", "create", "--team", "search", "--name", "n" * 201)
+    assert long.returncode == 2 and long.stdout == ""
+    assert long.stderr == "error: key names are at most 200 characters (this one has 201)\n"
+    assert cli(redis_url, "keys", "list", "--json").stdout.strip() == "[]"
+
+
 async def test_keys_create_list_revoke(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:
     created = cli(redis_url, "keys", "create", "--team", "search")
     assert created.returncode == 0, created.stderr

@@ -244,6 +244,10 @@ def test_forms_refuse_what_the_admin_api_would(console: Console) -> None:
     dialog.get_by_role("button", name="Create").click()
     expect(alert).to_have_text("Requests per minute must be a whole number, 0 or more (0 or empty: unlimited).")
     dialog.get_by_label("Requests per minute").fill("")
+    dialog.get_by_label("Name").fill("é" * 200 + "😀")  # 201 characters (202 UTF-16 units)
+    dialog.get_by_role("button", name="Create").click()
+    expect(alert).to_have_text("Key names are at most 200 characters (this one has 201).")
+    dialog.get_by_label("Name").fill("")
     dialog.get_by_label("Models").fill("no-such-model")
     dialog.get_by_role("button", name="Create").click()
     expect(alert).to_have_text("Unknown model 'no-such-model'.")  # the admin API's own message

@@ -242,6 +242,18 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     assert bad_json.status == 400
 
 
+async def test_key_names_are_at_most_200_characters(make_proxy: Any, upstream: Upstream, redis_url: str) -> None:
+    p = await make(make_proxy, upstream, redis_url)
+    at_bound = await admin(p, "POST", "/admin/keys", {"team": "ads", "name": "é" * 200})
+    assert at_bound.status == 201 and (await at_bound.json())["name"] == "é" * 200
+    beyond = await admin(p, "POST", "/admin/keys", {"team": "ads", "name": "n" * 201})
+    assert beyond.status == 400
+    assert (await beyond.json())["error"] == {
+        "message": "Key names are at most 200 characters (this one has 201).", "type": "invalid_request_error",
+        "param": "name", "code": None}
+    assert [r["name"] for r in (await (await admin(p, "GET", "/admin/keys?team=ads")).json())["data"]] == ["é" * 200]
+
+
 async def test_usage_report_adds_up_to_what_clients_were_told(
     make_proxy: Any, upstream: Upstream, redis_url: str
 ) -> None:

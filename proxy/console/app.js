@@ -7,6 +7,7 @@
   const API = new URL("../", document.baseURI); // /admin/ui/ -> /admin/: works behind a path prefix too
   const TEAM_RE = /^[a-z0-9][a-z0-9_.-]{0,62}$/;
   const TEAM_RULE = "Team names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit.";
+  const MAX_NAME_CHARS = 200; // keys.py MAX_NAME_CHARS
   const LIMITS = [
     ["rpm", "Requests per minute"],
     ["tpm", "Tokens per minute"],
@@ -450,7 +451,12 @@
       submitter(form, errorEl, async () => {
         const t = teamInput.value.trim();
         if (!TEAM_RE.test(t)) throw new Invalid(TEAM_RULE);
-        const body = {team: t, name: nameInput.value.trim(),
+        const name = nameInput.value.trim();
+        const chars = [...name].length; // code points, as the API counts them (not UTF-16 units)
+        if (chars > MAX_NAME_CHARS) {
+          throw new Invalid(`Key names are at most ${MAX_NAME_CHARS} characters (this one has ${chars}).`);
+        }
+        const body = {team: t, name,
                       models: modelsInput.value.split(",").map((m) => m.trim()).filter(Boolean)};
         const days = expiryInput.value.trim();
         if (days !== "") {
@@ -830,7 +836,12 @@
 
   const saved = sessionStorage.getItem(STORAGE_KEY);
   if (saved) {
-    signIn(saved).catch((err) => signOut(err.message));
+    signIn(saved).catch((err) => {
+      // Only a refusal of the key itself signs out (401: wrong key; 403: the admin API is off or it is no admin
+      // key). Anything else (a 503 while Redis is down, the proxy restarting) keeps it: reload to try again.
+      if (err.status === 401 || err.status === 403) signOut(err.message);
+      else document.getElementById("sign-in-error").textContent = err.message;
+    });
   } else {
     document.getElementById("admin-key").focus();
   }
