@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..config import RedisSettings, Settings
-from .topology import TopologyError, describe, masters, replicas
+from .topology import TopologyError, describe, masters, replicas, uses_tls
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ async def _facts(settings: RedisSettings, var: str, what: str, out: list[Finding
     except TopologyError as exc:
         out.append(Finding(True, str(exc)))
     except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-        out.append(Finding(False, f"{what} ({var}) is unreachable at start-up ({describe(exc)}); starting anyway: "
-                                  "requests degrade until it answers, and its settings were not checked"))
+        # A TLS client facing a server without TLS waits for the handshake until the connect timeout
+        tls = f"; TLS is on ({var.removesuffix('URL')}TLS or rediss://): is the server serving TLS?" \
+            if uses_tls(settings) else ""
+        out.append(Finding(False, f"{what} ({var}) is unreachable at start-up ({describe(exc)}{tls}); starting "
+                                  "anyway: requests degrade until it answers, and its settings were not checked"))
     return None

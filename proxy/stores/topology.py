@@ -132,6 +132,10 @@ def auth_kwargs(settings: RedisSettings) -> dict[str, Any]:
     return kw
 
 
+def uses_tls(settings: RedisSettings) -> bool:
+    return settings.tls or settings.url.strip().startswith("rediss://")
+
+
 class _SentinelMaster(aioredis.Redis):
     """The master a Sentinel set names; closing it also closes the connections to the sentinels."""
 
