@@ -2,7 +2,8 @@
 guard. The state store and the cache store (CACHE_REDIS_URL) are one `Store` each, so each has its own bypass.
 
 Every Redis call goes through `Store.call`, which bounds it in time and turns `redis.RedisError` (and a cluster
-client's `RedisClusterException`, which is not one), `OSError` and timeouts into `StoreUnavailable`. After a
+client's `RedisClusterException`, which is not one), a `TopologyError` found on the way (a cluster that does not
+cover its slots, say), `OSError` and timeouts into `StoreUnavailable`. After a
 failure the store is left alone for `retry_interval_s` (callers get `StoreUnavailable` at once instead of waiting
 on a dead server), then tried again: recovery needs no restart.
 Operator work (admin API, CLI, usage reports, ledger flushes) goes through `Store.operator_call`: it may be slow
@@ -28,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from .config import RedisSettings
-from .stores.topology import NodeSubscriber, build_client, confirm_master, is_cluster, is_sentinel
+from .stores.topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
@@ -122,7 +123,7 @@ class Store:
         try:
             async with asyncio.timeout_at(deadline):  # no task per call (wait_for would make one)
                 result = await fn(self.client)
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, TopologyError, OSError, TimeoutError) as exc:
             # A timeout that fired well after its deadline means this process's event loop was blocked (a long
             # computation, an overloaded process): the reply may be sitting unread. That is not Redis failing, so
             # only this call gives up; marking Redis down would send everyone upstream and deepen the overload.

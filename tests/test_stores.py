@@ -251,3 +251,17 @@ def evicting(where: str, policy: str) -> str:
     return (f"the state store {where} has maxmemory-policy {policy}: Redis may evict gateway keys, team limits, quota "
             "counters and the usage ledger. Set maxmemory-policy noeviction on it and give the cache a store of its "
             "own that may evict (CACHE_REDIS_URL), or set redis.allow_evicting_state = true to accept the risk")
+
+
+def test_cache_stats_against_a_redis_without_cluster_mode_is_one_line(servers: list[Server]) -> None:
+    """`cache stats` asks every master, which initializes the cluster client: the one error a topology can raise
+    there (no cluster mode, uncovered slots) left the CLI as a traceback."""
+    plain = start(servers)
+    for env, var in [({"REDIS_URL": plain.addr, "REDIS_TYPE": "cluster"}, "REDIS_URL"),
+                     ({"REDIS_URL": url(plain), "CACHE_REDIS_URL": plain.addr, "CACHE_REDIS_TYPE": "cluster"},
+                      "CACHE_REDIS_URL")]:
+        done = proxy_cli(env, "cache", "stats")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("error: redis cache-stats failed: TopologyError (TopologyError: "
+                                      f"{var} names a Redis without cluster mode"), done.stderr
+        assert len(done.stderr.splitlines()) == 1
