@@ -147,8 +147,8 @@ class Store:
         failure never makes the request path bypass Redis. On a Sentinel set it first makes sure the sentinels
         agree on the master and that `fn` talks to that one (confirm_master): a key, a limit or a ledger flush
         written to a master being demoted would be lost, silently; refused, it is retried (503, the next flush).
-        The request path does not ask the sentinels per call: a cache entry or a quota charge lost in a switch is
-        harmless."""
+        The request path does not ask the sentinels per call: a cache entry lost in a switch is a later miss, a
+        quota charge lost leaves a counter a little low for its window."""
         if self.sentinel:
             async def confirmed(client: Any) -> T:
                 await confirm_master(client)

@@ -6,7 +6,9 @@
 
 Everything above sees one client whatever the topology; what differs is here: parsing the URL, building the
 client, the pub/sub connection (a cluster's is a plain connection to one node, the next one after a failure), the
-masters a start-up check must ask, and turning a topology failure into one line for the operator.
+masters (and replicas) a start-up check must ask, turning a topology failure into one line for the operator, and on
+a Sentinel set the master's address: one bounded query for every connection opened at once, and the sentinels'
+agreement on it before operator work (confirm_master).
 """
 
 from __future__ import annotations
@@ -188,6 +190,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # seen (its waiters, if any, got it): no "exception was never retrieved"
 
 
+# The share of socket_timeout_s one sentinel may take to connect, and to answer.
+SENTINEL_TIMEOUT_SHARE = 0.5
+
+
 def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any) -> Any:
     """The redis-py client for `settings` (url set). `kwargs` are the connection options every topology shares."""
     endpoint = parse_endpoint(settings, var)
@@ -215,19 +221,16 @@ def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any)
     return master
 
 
-# The share of socket_timeout_s one sentinel may take to connect, and to answer.
-SENTINEL_TIMEOUT_SHARE = 0.5
-
-
 def is_sentinel(client: Any) -> bool:
     return isinstance(client, _SentinelMaster) and isinstance(client.connection_pool, _MasterPool)
 
 
 async def confirm_master(client: Any) -> None:
-    """Before a durable write on a Sentinel set: the master every answering sentinel names (a majority of them must
-    answer, none may be in the middle of a failover), and the client's connections pointed at it. Raises
-    MasterUncertain otherwise. redis-py trusts the first sentinel that answers, and keeps using connections to a
-    master the sentinels have demoted; a write there is lost once a sentinel turns that server into a replica."""
+    """Before operator work on a Sentinel set (key, limit and ledger writes): the master every answering sentinel
+    names (a majority of them must answer, none may be in the middle of a failover), and the client's connections
+    pointed at it. Raises MasterUncertain otherwise. redis-py trusts the first sentinel that answers, and keeps
+    using connections to a master the sentinels have demoted; a write there is lost once a sentinel turns that
+    server into a replica."""
     if not is_sentinel(client):
         return
     pool: _MasterPool = client.connection_pool
