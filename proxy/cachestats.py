@@ -113,7 +113,7 @@ async def store_stats(ref: StoreRef, keys: RedisKeys) -> tuple[list[dict[str, An
     async def read(client: Any) -> tuple[list[dict[str, Any]], Counter[str]]:
         found: list[tuple[str, Any]] = []
         try:
-            found = await masters(client, ref.settings)
+            found = await masters(client, ref.settings, "CACHE_REDIS_URL" if ref.role == "cache" else "REDIS_URL")
             results = await asyncio.gather(*(_server(ref.role, node, r, entries) for node, r in found))
         finally:
             for _, r in found:

@@ -317,6 +317,14 @@ def _redis(raw: Any, section: str, env_prefix: str, source: str, env: Mapping[st
     return dataclasses.replace(settings, **changes)
 
 
+def _same_redis(a: RedisSettings, b: RedisSettings) -> bool:
+    """Whether two settings name the same Redis (the URL written alike, up to order, a trailing slash and db 0)."""
+    def form(s: RedisSettings) -> tuple[str, list[str]]:
+        items = [re.sub(r"/(0)?$", "", i.strip()) for i in s.url.split(",") if i.strip()]
+        return s.type, (items[:1] + sorted(items[1:]) if s.type == "sentinel" else sorted(items))
+    return form(a) == form(b)
+
+
 # Model names go into ledger fields (`key|model|metric`), key records (`a,b`) and metric labels.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
 
@@ -422,6 +430,8 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
     if cache_redis.url and not redis.url:
         raise ConfigError(f"{source}: CACHE_REDIS_URL (cache_redis.url) needs REDIS_URL too: the keys, quotas and "
                           "ledger cannot live in the embedded in-process store while the cache is shared")
+    if cache_redis.url and _same_redis(redis, cache_redis):
+        cache_redis = dataclasses.replace(cache_redis, url="")  # one store, checked and used as the shared one
     teams = _tables(raw.get("teams", {}), "teams", Limits, source)
     for name, limits in teams.items():
         if not TEAM_RE.fullmatch(name):
@@ -430,6 +440,9 @@ def parse(text: str, source: str, env: Mapping[str, str]) -> Settings:
             if value < 1:
                 raise ConfigError(f"{source}: teams.{name}.{limit} must be a positive integer (omit it: unlimited)")
     cache = _build(CacheSettings, raw.get("cache", {}), "cache", source)
+    if "{" in cache.key_prefix or "}" in cache.key_prefix:
+        raise ConfigError(f"{source}: cache.key_prefix must not contain '{{' or '}}': on a Redis Cluster the keys' "
+                          "hash tags keep each script's keys in one slot, and braces in the prefix would change them")
     if cache.generations_refresh_s < 0.1:
         raise ConfigError(f"{source}: cache.generations_refresh_s must be at least 0.1")
     return Settings(

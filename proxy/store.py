@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from .config import RedisSettings
-from .stores.topology import NodeSubscriber, TopologyError, build_client, is_cluster
+from .stores.topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
@@ -93,6 +93,7 @@ class Store:
         self.name = name  # in log lines: which store ("redis" for the state store, "cache redis")
         # A cluster: no MULTI/EXEC or MGET across hash slots; the key-change subscription is on one node at a time.
         self.cluster = is_cluster(client)
+        self.sentinel = is_sentinel(client)
         self.subscriber: Any = NodeSubscriber(client, settings, socket_connect_timeout=settings.socket_timeout_s) \
             if self.cluster else client
         self._timeout = settings.socket_timeout_s
@@ -143,7 +144,17 @@ class Store:
 
     async def operator_call(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """`call` for operator work (admin API, CLI, reports, ledger flushes): `operator_timeout_s`, and its
-        failure never makes the request path bypass Redis."""
+        failure never makes the request path bypass Redis. On a Sentinel set it first makes sure the sentinels
+        agree on the master and that `fn` talks to that one (confirm_master): a key, a limit or a ledger flush
+        written to a master being demoted would be lost, silently; refused, it is retried (503, the next flush).
+        The request path does not ask the sentinels per call: a cache entry lost in a switch is a later miss, a
+        quota charge lost leaves a counter a little low for its window."""
+        if self.sentinel:
+            async def confirmed(client: Any) -> T:
+                await confirm_master(client)
+                return await fn(client)
+
+            return await self.call(op, confirmed, timeout_s=self.operator_timeout_s, mark_down=False)
         return await self.call(op, fn, timeout_s=self.operator_timeout_s, mark_down=False)
 
     def _count(self, op: str) -> None:

@@ -227,7 +227,10 @@ class SentinelSet:
         wait_until(lambda: all(self._knows_replica(s) for s in self.sentinels), 20, "the sentinels to see the replica")
 
     def _knows_replica(self, s: Server) -> bool:
-        return len(s.client().execute_command("SENTINEL", "REPLICAS", SENTINEL_MASTER)) >= 1
+        """The sentinel has the replica's own INFO, its link to the master up: only then may it promote it (a replica
+        merely listed, "slave,disconnected", makes SENTINEL FAILOVER answer NOGOODSLAVE)."""
+        found = s.client().execute_command("SENTINEL", "REPLICAS", SENTINEL_MASTER)
+        return any(r.get(b"flags") == b"slave" and r.get(b"master-link-status") == b"ok" for r in map(dict, found))
 
     def current_master_port(self) -> int:
         _, port = self.sentinels[0].client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",

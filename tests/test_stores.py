@@ -191,3 +191,77 @@ def test_malformed_or_unknown_topologies_fail_check_config_in_one_line() -> None
         errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(line), done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_a_cache_store_url_naming_the_state_store_is_checked_as_the_shared_store(servers: list[Server]) -> None:
+    """CACHE_REDIS_URL equal to REDIS_URL made two stores of one Redis: its noeviction was reported as the cache
+    store's, not as one shared store that stops admitting entries when full."""
+    durable = start(servers, "--appendonly", "yes")
+    same = settings_for(durable, CACHE_REDIS_URL=f"redis://127.0.0.1:{durable.port}")
+    assert same.cache_redis.url == ""
+    assert messages(await check_stores(same)) == [
+        (False, "the cache shares the state store REDIS_URL, whose maxmemory-policy is noeviction: once its memory is "
+                "full the cache stops admitting entries; give the cache its own store with allkeys-lru "
+                "(CACHE_REDIS_URL)")]
+
+
+async def test_a_store_that_does_not_answer_is_said_in_words(servers: list[Server]) -> None:
+    """A stopped (hung) state store was reported "unreachable at start-up (CancelledError: CancelledError)"."""
+    hung = start(servers, "--appendonly", "yes")
+    assert hung.proc is not None
+    hung.proc.send_signal(signal.SIGSTOP)
+    try:
+        found = await check_stores(settings_for(hung, "[redis]\noperator_timeout_s = 0.2\n"))
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    assert messages(found) == [(False, "the state store (REDIS_URL) is unreachable at start-up (no answer within "
+                                       "1.4s); starting anyway: requests degrade until it answers, and its settings "
+                                       "were not checked")]
+
+
+async def test_tls_against_a_server_without_tls_is_one_warning_that_says_tls(servers: list[Server]) -> None:
+    plain = start(servers, "--appendonly", "yes")
+    config = "[redis]\nsocket_timeout_s = 0.2\noperator_timeout_s = 0.5\n"
+    upstream = "http://127.0.0.1:9/v1"
+    for settings in (make_settings(upstream, f"rediss://127.0.0.1:{plain.port}", config),
+                     make_settings(upstream, plain.addr, config, REDIS_TYPE="cluster", REDIS_TLS="true")):
+        found = await check_stores(settings)
+        assert [f.error for f in found] == [False]
+        assert found[0].message.startswith("the state store (REDIS_URL) is unreachable at start-up (")
+        assert "TLS is on (REDIS_TLS or rediss://): is the server serving TLS?" in found[0].message
+
+
+async def test_replicas_maxmemory_policy_is_checked_too(cluster: Any, sentinel_set: Any) -> None:
+    """A replica becomes the state store at the next failover: its policy was never read, so an evicting replica
+    passed the check and evicted keys once promoted."""
+    replica = cluster.replica_of(cluster.masters()[0])
+    replica.client().config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        found = await check_stores(make_settings("http://127.0.0.1:9/v1", cluster.seeds, REDIS_TYPE="cluster"))
+    finally:
+        replica.client().config_set("maxmemory-policy", "noeviction")
+    assert [f.message for f in found if f.error] == [evicting(f"REDIS_URL (replica {replica.addr})", "allkeys-lru")]
+    sentinel_set.replica.client().config_set("maxmemory-policy", "volatile-lru")
+    found = await check_stores(make_settings("http://127.0.0.1:9/v1", sentinel_set.url, REDIS_TYPE="sentinel"))
+    assert [f.message for f in found if f.error] == [
+        evicting(f"REDIS_URL (replica {sentinel_set.replica.addr})", "volatile-lru")]
+
+
+def evicting(where: str, policy: str) -> str:
+    return (f"the state store {where} has maxmemory-policy {policy}: Redis may evict gateway keys, team limits, quota "
+            "counters and the usage ledger. Set maxmemory-policy noeviction on it and give the cache a store of its "
+            "own that may evict (CACHE_REDIS_URL), or set redis.allow_evicting_state = true to accept the risk")
+
+
+def test_cache_stats_against_a_redis_without_cluster_mode_is_one_line(servers: list[Server]) -> None:
+    """`cache stats` asks every master, which initializes the cluster client: the one error a topology can raise
+    there (no cluster mode, uncovered slots) left the CLI as a traceback."""
+    plain = start(servers)
+    for env, var in [({"REDIS_URL": plain.addr, "REDIS_TYPE": "cluster"}, "REDIS_URL"),
+                     ({"REDIS_URL": url(plain), "CACHE_REDIS_URL": plain.addr, "CACHE_REDIS_TYPE": "cluster"},
+                      "CACHE_REDIS_URL")]:
+        done = proxy_cli(env, "cache", "stats")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("error: redis cache-stats failed: TopologyError (TopologyError: "
+                                      f"{var} names a Redis without cluster mode"), done.stderr
+        assert len(done.stderr.splitlines()) == 1

@@ -6,20 +6,29 @@
 
 Everything above sees one client whatever the topology; what differs is here: parsing the URL, building the
 client, the pub/sub connection (a cluster's is a plain connection to one node, the next one after a failure), the
-masters a start-up check must ask, and turning a topology failure into one line for the operator.
+masters (and replicas) a start-up check must ask, turning a topology failure into one line for the operator, and on
+a Sentinel set the master's address: one bounded query for every connection opened at once, and the sentinels'
+agreement on it before operator work (confirm_master).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisSettings
 
@@ -39,14 +48,29 @@ class Endpoint:
     master: str = ""  # sentinel: the monitored master's name
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_.])?")
+
+
 def _host_port(text: str, what: str) -> tuple[str, int]:
+    """host:port, a name or an IPv4 address, or an IPv6 address in brackets ([::1]:7000); nothing else (a URL's
+    scheme or credentials would otherwise pass as part of the host, and never connect)."""
     item = text.strip()
     host, sep, port = item.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):  # [::1]:7000
+    if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        valid = _is_ipv6(host)
+    else:
+        valid = bool(_HOSTNAME.fullmatch(host))
+    if not sep or not valid or not port.isdigit() or not 0 < int(port) < 65536:
         raise TopologyError(f"{what}: {item!r} is not host:port")
     return host, int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text.partition("%")[0]), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def parse_endpoint(settings: RedisSettings, var: str = "REDIS_URL") -> Endpoint:
@@ -60,9 +84,16 @@ def parse_endpoint(settings: RedisSettings, var: str = "REDIS_URL") -> Endpoint:
         if not valid:
             raise TopologyError(f"{var} must be a redis:// or rediss:// URL for a single Redis (type single), "
                                 f"not {_shown(url)}; a cluster or sentinel set needs REDIS_TYPE")
+        if settings.tls and not url.startswith("rediss://"):  # else: TLS asked for, plaintext sent
+            tls = var.removesuffix("URL") + "TLS"
+            raise TopologyError(f"{tls} is true but {var} is {_shown(url)}: a single Redis takes TLS from its URL; "
+                                "use rediss://")
         return Endpoint(kind, url=url)
     items = [i.strip() for i in url.split(",") if i.strip()]
     if kind == "cluster":
+        if any(i.startswith("unix://") for i in items):
+            raise TopologyError(f"{var}: a cluster cannot be reached over a unix socket (redis-py's cluster client "
+                                f"speaks TCP only); give host:port seed nodes, not {_shown(url)}")
         if len(items) == 1 and items[0].startswith(_SCHEMES):
             return Endpoint(kind, url=items[0])
         if not items or any(i.startswith(_SCHEMES) for i in items):
@@ -103,6 +134,10 @@ def auth_kwargs(settings: RedisSettings) -> dict[str, Any]:
     return kw
 
 
+def uses_tls(settings: RedisSettings) -> bool:
+    return settings.tls or settings.url.strip().startswith("rediss://")
+
+
 class _SentinelMaster(aioredis.Redis):
     """The master a Sentinel set names; closing it also closes the connections to the sentinels."""
 
@@ -113,6 +148,50 @@ class _SentinelMaster(aioredis.Redis):
         if self.sentinel_manager is not None:
             for s in self.sentinel_manager.sentinels:
                 await s.aclose()
+
+
+class MasterUncertain(RedisConnectionError):
+    """The sentinels do not (yet) agree on the master: a write now could land on a master being demoted."""
+
+
+class _MasterPool(SentinelConnectionPool):
+    """redis-py's sentinel pool, with two changes.
+
+    A connection is never used while it points at a server other than the master last named (redis-py only drops
+    idle connections when the master changes; one in use then went back to the pool and kept talking to the old
+    master). And the discovery of the master is one query shared by every connection that needs it at once (each
+    new connection asks; a burst of them would ask the sentinels as many times), run to its end even when the
+    request that started it gave up: a hung sentinel first in the list then costs one sentinel timeout, after which
+    redis-py moves the sentinel that answered to the front."""
+
+    _discovery: asyncio.Future[Any] | None = None
+
+    async def get_master_address(self) -> Any:
+        if self._discovery is None or self._discovery.done():
+            self._discovery = asyncio.ensure_future(super().get_master_address())  # type: ignore[no-untyped-call]
+            self._discovery.add_done_callback(_retrieve)
+        return await asyncio.shield(self._discovery)
+
+    async def ensure_connection(self, connection: Any) -> None:
+        if (self.master_address is not None and connection.is_connected
+                and (connection.host, connection.port) != tuple(self.master_address)):
+            await connection.disconnect()  # it reconnects to the master the sentinels name now
+        await super().ensure_connection(connection)
+
+    async def point_at(self, address: tuple[str, int]) -> None:
+        """Make `address` the master (as get_master_address does when a sentinel names a new one)."""
+        if self.master_address != address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # seen (its waiters, if any, got it): no "exception was never retrieved"
+
+
+# The share of socket_timeout_s one sentinel may take to connect, and to answer.
+SENTINEL_TIMEOUT_SHARE = 0.5
 
 
 def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any) -> Any:
@@ -126,16 +205,57 @@ def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any)
         if endpoint.url:
             return RedisCluster.from_url(endpoint.url, **kw)
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in endpoint.nodes], **kw)
-    sentinel_kw: dict[str, Any] = {"socket_connect_timeout": kw.get("socket_connect_timeout"),
-                                   "socket_timeout": settings.operator_timeout_s}
+    # Each new master connection asks the sentinels first, inside the caller's time limit (socket_timeout_s on the
+    # request path): a sentinel that does not answer must cost a fraction of it, once (no retries), so that the
+    # next sentinel is asked in time.
+    sentinel_kw: dict[str, Any] = {"socket_connect_timeout": settings.socket_timeout_s * SENTINEL_TIMEOUT_SHARE,
+                                   "socket_timeout": settings.socket_timeout_s * SENTINEL_TIMEOUT_SHARE,
+                                   "retry": Retry(NoBackoff(), 0)}
     if settings.sentinel_password:
         sentinel_kw["password"] = settings.sentinel_password
     if settings.tls:
         sentinel_kw["ssl"] = True
     sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kw, **kw)  # type: ignore[no-untyped-call]
-    master = sentinel.master_for(endpoint.master, redis_class=_SentinelMaster)
+    master = sentinel.master_for(endpoint.master, redis_class=_SentinelMaster, connection_pool_class=_MasterPool)
     master.sentinel_manager = sentinel
     return master
+
+
+def is_sentinel(client: Any) -> bool:
+    return isinstance(client, _SentinelMaster) and isinstance(client.connection_pool, _MasterPool)
+
+
+async def confirm_master(client: Any) -> None:
+    """Before operator work on a Sentinel set (key, limit and ledger writes): the master every answering sentinel
+    names (a majority of them must answer, none may be in the middle of a failover), and the client's connections
+    pointed at it. Raises MasterUncertain otherwise. redis-py trusts the first sentinel that answers, and keeps
+    using connections to a master the sentinels have demoted; a write there is lost once a sentinel turns that
+    server into a replica."""
+    if not is_sentinel(client):
+        return
+    pool: _MasterPool = client.connection_pool
+    sentinels = client.sentinel_manager.sentinels
+    replies = await asyncio.gather(*(s.sentinel_master(pool.service_name) for s in sentinels),
+                                   return_exceptions=True)
+    named: set[tuple[str, int]] = set()
+    answered = 0
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            if isinstance(reply, asyncio.CancelledError):
+                raise reply
+            continue
+        answered += 1
+        flags = reply.get("flags", "")
+        flags = set(flags.split(",")) if isinstance(flags, str) else set(flags)
+        if "failover_in_progress" in flags:
+            raise MasterUncertain("a sentinel is failing the master over")
+        named.add((str(reply["ip"]), int(reply["port"])))
+    if answered <= len(sentinels) // 2:
+        raise MasterUncertain(f"{answered} of {len(sentinels)} sentinels answered; a majority must name the master")
+    if len(named) != 1:
+        raise MasterUncertain("the sentinels name different masters (a failover is under way): "
+                              + ", ".join(f"{h}:{p}" for h, p in sorted(named)))
+    await pool.point_at(named.pop())
 
 
 def is_cluster(client: Any) -> bool:
@@ -168,20 +288,19 @@ class NodeSubscriber:
         self._clients.clear()
 
 
-async def masters(client: Any, settings: RedisSettings) -> list[tuple[str, Any]]:
+def _server_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    return {"socket_connect_timeout": settings.operator_timeout_s, "socket_timeout": settings.operator_timeout_s,
+            **auth_kwargs(settings)}
+
+
+async def masters(client: Any, settings: RedisSettings, var: str = "REDIS_URL") -> list[tuple[str, Any]]:
     """(name, a client of that server alone) for every master behind `client`, to ask each for its settings.
-    The caller closes every client that is not `client`. Raises TopologyError for a cluster with uncovered slots
-    or a master name no sentinel knows; RedisError or OSError when unreachable."""
-    kw: dict[str, Any] = {"socket_connect_timeout": settings.operator_timeout_s,
-                          "socket_timeout": settings.operator_timeout_s, **auth_kwargs(settings)}
+    The caller closes every client that is not `client`. Raises TopologyError for a Redis without cluster mode named
+    as a cluster, a cluster with uncovered slots or a master name no sentinel knows; RedisError, OSError or (a
+    cluster's) RedisClusterException when unreachable."""
+    kw = _server_kwargs(settings)
     if is_cluster(client):
-        try:
-            await client.initialize()
-        except RedisClusterException as exc:
-            if "not covered" in str(exc):
-                raise TopologyError(f"the Redis cluster does not cover every hash slot ({_first_line(exc)}); "
-                                    "fix the cluster (CLUSTER INFO: cluster_state) before starting") from exc
-            raise
+        await _initialize(client, var)
         return [(n.name, aioredis.Redis(host=n.host, port=n.port, **kw)) for n in client.get_primaries()]
     if isinstance(client, _SentinelMaster) and client.sentinel_manager is not None:
         name: str = getattr(client.connection_pool, "service_name", "")
@@ -192,6 +311,34 @@ async def masters(client: Any, settings: RedisSettings) -> list[tuple[str, Any]]
             raise
         return [(f"{host}:{port}", aioredis.Redis(host=host, port=port, **kw))]
     return [("", client)]
+
+
+async def replicas(client: Any, settings: RedisSettings) -> list[tuple[str, Any]]:
+    """(name, a client of that server alone) for every replica the cluster or the sentinels know of (after
+    `masters`); none for a single Redis. A replica becomes a master at the next failover."""
+    kw = _server_kwargs(settings)
+    if is_cluster(client):
+        return [(n.name, aioredis.Redis(host=n.host, port=n.port, **kw)) for n in client.get_replicas()]
+    if isinstance(client, _SentinelMaster) and client.sentinel_manager is not None:
+        name: str = getattr(client.connection_pool, "service_name", "")
+        found = [(str(h), int(p)) for h, p in await client.sentinel_manager.discover_slaves(name)]
+        return [(f"{h}:{p}", aioredis.Redis(host=h, port=p, **kw)) for h, p in found]
+    return []
+
+
+async def _initialize(cluster: RedisCluster, var: str) -> None:
+    """The cluster's slot map, or TopologyError where no waiting can help."""
+    try:
+        await cluster.initialize()
+    except RedisClusterException as exc:
+        if "not covered" in str(exc):
+            raise TopologyError(f"the Redis cluster does not cover every hash slot ({_first_line(exc)}); "
+                                "fix the cluster (CLUSTER INFO: cluster_state) before starting") from exc
+        if "Cluster mode is not enabled" in str(exc):
+            kind = var.removesuffix("URL") + "TYPE"
+            raise TopologyError(f"{var} names a Redis without cluster mode, but {kind} is cluster: set {kind}=single "
+                                "with a redis:// URL (or sentinel), or give the nodes of a Redis Cluster") from exc
+        raise
 
 
 async def _unknown_master(sentinel: Sentinel, name: str, exc: Exception) -> None:
@@ -214,6 +361,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for a Redis failure at start-up or in the CLI."""
+    """One line for a Redis failure at start-up or in the CLI, in words (a timeout has no message of its own, and
+    asyncio's is raised from a bare CancelledError)."""
     cause = exc.__cause__ or exc
-    return f"{type(cause).__name__}: {_first_line(cause)}" if cause is not exc else _first_line(exc)
+    if isinstance(cause, asyncio.CancelledError):
+        cause = exc
+    raw = str(cause).strip()
+    if raw:
+        return raw.splitlines()[0] if cause is exc else f"{type(cause).__name__}: {raw.splitlines()[0]}"
+    timeout = isinstance(cause, TimeoutError | RedisTimeoutError)
+    return f"{type(cause).__name__}: {'no answer in time' if timeout else 'no message'}"
