@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -192,7 +193,7 @@ class _BoundedProcessor(SpanProcessor):
 
 def _resource() -> Resource:
     found = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-    ours: dict[str, str] = {}
+    ours: dict[str, str | int] = {"process.pid": os.getpid()}  # tells `serve --workers` workers apart
     if str(found.attributes.get("service.name", "")).startswith("unknown_service"):
         ours["service.name"] = "embedding-proxy"
     if "service.version" not in found.attributes:

@@ -23,11 +23,13 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from proxy.app import KEYSTORE, METRICS, TRACING, trace_middleware
+from proxy.cli import main
 from proxy.config import ConfigError
 from proxy.otel import OtelTracing
 from proxy.tracing import NO_TRACING, traces_endpoint
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, Upstream, free_port, make_settings
 from tests.helpers import until
+from tests.stack import CONFIG, create_keys, embed, start_mock, start_proxy
 
 MODEL = "text-embedding-3-small"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -289,6 +291,43 @@ async def test_off_by_default_and_when_disabled(
     assert "trace_spans_dropped_total{" not in proxy.app[METRICS].render().decode()  # no series while off
     await proxy.client.close()  # the app's cleanup: a provider would flush here
     assert rec.raw == []
+
+
+async def test_each_worker_has_its_own_provider_and_flushes_at_shutdown(
+    redis_url: str, receiver: tuple[Receiver, str], tmp_path: Path,
+) -> None:
+    rec, endpoint = receiver
+    mock, mock_url = await asyncio.to_thread(start_mock, tmp_path)
+    # a minute between exports: what arrives was sent by each worker's flush at shutdown
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "60000"}
+    proxy, url = await asyncio.to_thread(start_proxy, tmp_path, mock_url, redis_url, CONFIG, workers=2, env=env)
+    try:
+        [(key, _)] = (await asyncio.to_thread(create_keys, redis_url, ["search"])).values()
+        for i in range(20):  # each on a new connection: the kernel spreads them over the workers
+            assert (await asyncio.to_thread(embed, url, key, [f"worker input {i}"]))[0] == 200
+        assert "traces: OTLP/HTTP to " + endpoint + "/v1/traces" in proxy.stdout()
+        assert rec.raw == []
+    finally:
+        assert await asyncio.to_thread(proxy.stop) == 0
+        mock.stop()
+    servers = [s for s in rec.spans if s.kind == Span.SPAN_KIND_SERVER]
+    assert len(servers) == 20
+    assert len({r["process.pid"] for r in rec.resources}) == 2  # two providers, one per worker
+
+
+def test_check_config_and_serve_name_the_traces_endpoint_or_refuse_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in ("PROXY_CONFIG", "REDIS_URL", "CACHE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    otel_env(monkeypatch, "http://collector.example:4318")
+    monkeypatch.setenv("UPSTREAM_BASE_URL", "http://127.0.0.1:9/v1")
+    assert main(["check-config"]) == 0
+    assert capsys.readouterr().out.endswith("; traces: OTLP/HTTP to http://collector.example:4318/v1/traces\n")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert main(["check-config"]) == 2
+    assert main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err.count("config error: OTEL_EXPORTER_OTLP_PROTOCOL='grpc'") == 2
 
 
 def test_without_an_endpoint_no_tracing_module_is_imported(tmp_path: Path) -> None:
