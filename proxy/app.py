@@ -203,7 +203,7 @@ async def trace_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     route = request.match_info.route.resource
     name = route.canonical if route is not None and route.name != UNMATCHED else None
-    with request.app[TRACING].server_span(request.method, name, request.headers) as span:
+    with request.app[TRACING].server_span(request.method, name, request.path, request.headers) as span:
         resp = await handler(request)
         if span.is_recording():
             _describe(request, resp, span)

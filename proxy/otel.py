@@ -225,11 +225,11 @@ class OtelTracing(Tracing):
     def span(self, name: str) -> SpanScope:
         return _Scope(self._tracer.start_span(name))
 
-    def server_span(self, method: str, route: str | None, headers: Mapping[str, str]) -> SpanScope:
+    def server_span(self, method: str, route: str | None, path: str, headers: Mapping[str, str]) -> SpanScope:
         parent = _PROPAGATOR.extract(headers)
         attrs: dict[str, Any] = {"http.request.method": method}
-        if route is not None:
-            attrs["http.route"] = attrs["url.path"] = route
+        if route is not None:  # an unmatched path is the client's text: left out
+            attrs["http.route"], attrs["url.path"] = route, path
         span = self._tracer.start_span(f"{method} {route}" if route else method, context=parent,
                                        kind=SpanKind.SERVER, attributes=attrs)
         return _Scope(span, parent)

@@ -85,8 +85,9 @@ class Tracing:
         """A child of the current span (cache read, quota charge)."""
         return NO_SPAN
 
-    def server_span(self, method: str, route: str | None, headers: Mapping[str, str]) -> SpanScope:
-        """One request's span, continuing the client's W3C `traceparent` when it sent one."""
+    def server_span(self, method: str, route: str | None, path: str, headers: Mapping[str, str]) -> SpanScope:
+        """One request's span, continuing the client's W3C `traceparent` when it sent one; `route` is the matched
+        route's template (None: no route matched)."""
         return NO_SPAN
 
     def upstream_span(self, deployment: Deployment, inputs: int) -> SpanScope:

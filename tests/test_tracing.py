@@ -198,9 +198,13 @@ async def test_a_refused_request_is_a_span_without_the_refusals_message(
     assert resp.status == 400
     resp = await proxy.embed("sk-gateway-" + "x" * 40, {"model": MODEL, "input": "x"})
     assert resp.status == 401
-    await until(lambda: len([s for s in rec.spans if s.kind == Span.SPAN_KIND_SERVER]) == 2)
+    resp = await proxy.client.get(f"/v1/models/{MODEL}", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    await until(lambda: len([s for s in rec.spans if s.kind == Span.SPAN_KIND_SERVER]) == 3)
     codes = sorted(attrs(s)["http.response.status_code"] for s in rec.spans if s.kind == Span.SPAN_KIND_SERVER)
-    assert codes == [400, 401]
+    assert codes == [200, 400, 401]
+    [model] = rec.named("GET /v1/models/{model}")  # the route's template names it, the path is the path
+    assert (attrs(model)["http.route"], attrs(model)["url.path"]) == ("/v1/models/{model}", f"/v1/models/{MODEL}")
     [call] = [s for s in rec.spans if s.kind == Span.SPAN_KIND_CLIENT]
     assert (attrs(call)["http.response.status_code"], attrs(call)["error.type"]) == (400, "invalid_request")
     assert call.status.code == call.status.STATUS_CODE_ERROR and call.status.message == ""
