@@ -1,7 +1,8 @@
 """The web application: `create_app(settings)` wires every part; importing this module does nothing.
 
-Middleware order is the pipeline: observe (in-flight, request metrics, access log: it sees the final answer),
-errors (and request id), then auth for /v1 and /admin (the console's static files excepted). Health and readiness
+Middleware order is the pipeline: the request's trace span (only while tracing is on: proxy/tracing.py), observe
+(in-flight, request metrics, access log: it sees the final answer), errors (and request id), then auth for /v1 and
+/admin (the console's static files excepted). Health and readiness
 sit outside auth; /metrics asks for `PROXY_METRICS_TOKEN` when it is set.
 """
 
@@ -48,13 +49,15 @@ from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
 from .rediskeys import RedisKeys
-from .request import parse_request
+from .request import EmbeddingRequest, parse_request
 from .response import render
 from .routing import UNMATCHED, add_unknown_route, expect_continue
 from .service import EmbeddingService, Trace
 from .store import Store, StoreUnavailable, connect
 from .teams import TeamStore
 from .tokens import make_tokenizer
+from .tracing import Span, Tracing, server_attributes
+from .tracing import start as start_tracing
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.app")
@@ -72,10 +75,12 @@ QUOTAS = web.AppKey("quotas", Quotas)
 LEDGER = web.AppKey("ledger", UsageLedger)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 METRICS_TOKEN = web.AppKey("metrics_token", str)
+TRACING = web.AppKey("tracing", Tracing)
 REQUEST_ID = web.RequestKey("request_id", str)
 KEY = web.RequestKey("key", KeyRecord)
 MODEL = web.RequestKey("model", str)
 TRACE = web.RequestKey("trace", Trace)
+EMBEDDING = web.RequestKey("embedding", EmbeddingRequest)
 SERVED: web.RequestKey[list[str]] = web.RequestKey("served_by")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: echoed in a header, so never a newline
@@ -195,6 +200,39 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 @web.middleware
+async def trace_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One server span per request (probes and scrapes aside), continuing the client's `traceparent`."""
+    if request.path in _UNLOGGED:
+        return await handler(request)
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None and route.name != UNMATCHED else None
+    with request.app[TRACING].server_span(request.method, name, request.path, request.headers) as span:
+        resp = await handler(request)
+        if span.is_recording():
+            _describe(request, resp, span)
+    return resp
+
+
+def _describe(request: web.Request, resp: web.StreamResponse, span: Span) -> None:
+    key: KeyRecord | None = request.get(KEY)
+    req: EmbeddingRequest | None = request.get(EMBEDDING)
+    trace = request.get(TRACE) or Trace()
+    for name, value in server_attributes(
+        status=resp.status, request_id=request.get(REQUEST_ID, ""), team=key.team if key else None,
+        key_id=key.id if key else None, model=req.model if req else None,
+        encoding_format=req.encoding_format if req else None,
+        dimensions=(req.dimensions or request.app[SETTINGS].models[req.model].dimensions) if req else None,
+        inputs=trace.inputs, cache_hits=trace.cache_hits, upstream_inputs=trace.upstream_inputs,
+        prompt_tokens=trace.prompt_tokens, cached_tokens=trace.cached_tokens, cache=resp.headers.get("x-cache", ""),
+    ).items():
+        span.set_attribute(name, value)
+    if req is not None:
+        span.update_name(f"embeddings {req.model}")  # the GenAI conventions' span name
+    if resp.status >= 500:
+        span.fail(str(resp.status))
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
         request[KEY] = await request.app[AUTH].authenticate(bearer_key(request.headers))
@@ -207,7 +245,7 @@ async def embeddings(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     req = parse_request(await read_body(request), settings.models)
-    request[MODEL] = req.model
+    request[MODEL], request[EMBEDDING] = req.model, req
     key: KeyRecord = request[KEY]
     check_model(key, req.model)
     request[TRACE] = trace = Trace()
@@ -315,12 +353,14 @@ def create_app(
 ) -> web.Application:
     """The proxy; `metrics_route=False` leaves /metrics off this app (served on its own port instead);
     `access_log` defaults to stdout (or nothing, with `server.access_log = false`); `clock` (Unix time) places
-    requests in quota windows and ledger days."""
+    requests in quota windows and ledger days. Traces are on when the OTEL_* variables name an endpoint."""
+    m = metrics_registry or Metrics(models=settings.models)
+    tracing = start_tracing(os.environ, m)  # one provider per process: each worker calls this after it starts
     app = web.Application(
-        middlewares=[observe_middleware, error_middleware, auth_middleware],
+        middlewares=[*([trace_middleware] if tracing.enabled else []), observe_middleware, error_middleware,
+                     auth_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
-    m = metrics_registry or Metrics(models=settings.models)
     client, embedded = connect(settings.redis)
     store = Store(client, settings.redis, embedded=embedded, on_error=lambda op: m.redis_errors.labels(op).inc())
     cache_store = store  # without CACHE_REDIS_URL the cache lives in the state store
@@ -330,23 +370,25 @@ def create_app(
     rkeys = RedisKeys(settings.cache.key_prefix)
     keystore = KeyStore(store, rkeys)
     upstream = FleetClient(settings, metrics=m,
-                           on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc())
+                           on_retry=lambda model, why: m.upstream_retries.labels(model, why).inc(), tracing=tracing)
     cache = EmbeddingCache(cache_store, rkeys, ttl_s=settings.cache.ttl_s, secret=settings.cache_secret, state=store)
     tokenizers = {spec.tokenizer: make_tokenizer(spec.tokenizer) for spec in settings.models.values()}
     ledger = UsageLedger(store, rkeys, retention_days=settings.usage.retention_days, clock=clock)
     generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope, cache_store=cache_store)
-    service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock, generations=generations)
+    service = EmbeddingService(settings, cache, upstream, m, tokenizers, ledger, clock, generations=generations,
+                              tracing=tracing)
     app[SETTINGS], app[STORE], app[KEYSTORE], app[METRICS] = settings, store, keystore, m
     app[CACHE_STORE] = cache_store
     app[AUTH] = auth = Authenticator(keystore, settings.keys.offline_grace_s, settings.keys.cache_s)
     app[UPSTREAM], app[SERVICE] = upstream, service
     app[TEAMS] = teams = TeamStore(store, rkeys, settings.teams, settings.quotas.team_cache_s)
-    app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m, clock=clock)
+    app[QUOTAS] = Quotas(store, rkeys, teams, settings.quotas, m, clock=clock, tracing=tracing)
     app[LEDGER] = ledger
     if access_log is None:
         access_log = AccessLog(sys.stdout.buffer if settings.server.access_log else None)
     app[ACCESS_LOG] = access_log
     app[METRICS_TOKEN] = settings.metrics_token
+    app[TRACING] = tracing
     app.on_response_prepare.append(_server_header)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -383,6 +425,7 @@ def create_app(
         if cache_store is not store:
             await cache_store.close()
         access_log.flush()
+        await tracing.shutdown()
         m.flush()
 
     app.cleanup_ctx.append(lifecycle)

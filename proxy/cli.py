@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -119,6 +120,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if not _report_stores(settings, warn=log.warning):
         return 1
+    if (traces := _traces()) is None:
+        return 2
+    if traces:
+        print(f"traces: OTLP/HTTP to {traces}", flush=True)
     if not settings.metrics_token and args.metrics_port is None:
         log.warning("/metrics is served on the API port without PROXY_METRICS_TOKEN: every API client can read "
                     "every team's usage, costs and key ids (set PROXY_METRICS_TOKEN, or serve it with "
@@ -155,14 +160,28 @@ def _report_stores(settings: Settings, warn: Callable[[str], None]) -> bool:
     return not any(f.error for f in findings)
 
 
+def _traces() -> str | None:
+    """Where traces go ("" when tracing is off), or None after printing why the OTEL_* variables are refused."""
+    from .tracing import traces_endpoint
+
+    try:
+        return traces_endpoint(os.environ) or ""
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
     if not _report_stores(settings, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
         return 1
+    if (traces := _traces()) is None:
+        return 2
     stores = "embedded" if not settings.redis.url else f"redis ({settings.redis.type})"
     if settings.cache_redis.url:
         stores += f", cache in its own redis ({settings.cache_redis.type})"
     print(f"{settings.source}: ok; models: {', '.join(settings.models)}; "
-          f"store: {stores}; cache scope: {settings.cache.scope}")
+          f"store: {stores}; cache scope: {settings.cache.scope}; "
+          f"traces: {f'OTLP/HTTP to {traces}' if traces else 'off'}")
     return 0
 
 

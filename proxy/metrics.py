@@ -192,6 +192,12 @@ class Metrics:
             f"{_PREFIX}_upstream_call_inputs", "Inputs per upstream call, after micro-batching.",
             ["model"], buckets=_BATCH_BUCKETS, registry=r,
         )
+        # Incremented from the trace export thread (proxy/otel.py), so directly, not through `add`.
+        self.trace_spans_dropped = Counter(
+            f"{_PREFIX}_trace_spans_dropped", "Trace spans never exported, by reason: the export queue was full "
+            "(queue_full), the collector refused them or could not be reached (export_failed), or they were still "
+            "queued at shutdown (shutdown). Exported only while tracing is on.", ["reason"], registry=r,
+        )
         self._flush_hooks: list[Callable[[], None]] = []
         self.build_info = Gauge(
             f"{_PREFIX}_build_info", "Build information (always 1).", ["version", "python"], registry=r,

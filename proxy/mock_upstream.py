@@ -93,6 +93,7 @@ class MockState:
         self.huge_body_sent = 0  # bytes of "huge_body" answers the client took before it hung up
         self.last_path: str | None = None  # path and query of the last embeddings request
         self.last_api_key: str | None = None  # its `api-key` header (Azure)
+        self.last_traceparent: str | None = None  # its W3C `traceparent` header (tracing tests)
         self.rate_limited = 0  # 429s sent for the rpm/tpm limit
         self.window_start = -math.inf
         self.window_requests = 0
@@ -299,6 +300,7 @@ async def _embeddings(request: web.Request, azure_model: str | None = None) -> w
     state.requests += 1
     state.last_authorization = request.headers.get("Authorization")
     state.last_api_key = request.headers.get("api-key")
+    state.last_traceparent = request.headers.get("traceparent")
     state.last_path = request.path_qs
     if azure_model is not None:
         if settings.api_key is not None and state.last_api_key != settings.api_key:

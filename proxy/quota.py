@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .rediskeys import RedisKeys
 from .store import Store, StoreUnavailable, in_process_redis
 from .teams import TeamStore
+from .tracing import NO_TRACING, Tracing
 
 log = logging.getLogger("proxy.quota")
 Where = Literal["redis", "local"]  # the store a charge went to: Redis, or the in-process fallback
@@ -130,16 +131,23 @@ class Ticket:
         REPLY_LOST: the pipeline was sent but its answer lost (a timeout). The script then most likely ran in
         Redis; it is not run a second time, here or in the in-process store, and the slot counts as held in Redis
         (should it not have run, this one request goes uncounted)."""
-        if reply is REPLY_LOST:
-            self._hold("redis", 1, 0)
-            return
-        where: Where = "redis"
-        if reply is None or isinstance(reply, Exception):
-            reply, where = await self._quotas.charge(self._keys(), self._args(1, 0))
-        else:
-            self._quotas.remember(self._keys(), self._args(1, 0), reply)
-        self._apply(reply, 1, 0)
-        self._hold(where, 1, 0)
+        with self._quotas.tracing.span("quota charge") as span:
+            if span.is_recording():
+                span.set_attribute("embedding_proxy.quota.step", "request")
+                span.set_attribute("embedding_proxy.quota.in_cache_read",
+                                   reply is not None and not isinstance(reply, Exception))
+            if reply is REPLY_LOST:
+                self._hold("redis", 1, 0)
+                return
+            where: Where = "redis"
+            if reply is None or isinstance(reply, Exception):
+                reply, where = await self._quotas.charge(self._keys(), self._args(1, 0))
+            else:
+                self._quotas.remember(self._keys(), self._args(1, 0), reply)
+            if span.is_recording():
+                span.set_attribute("embedding_proxy.quota.store", where)
+            self._apply(reply, 1, 0)
+            self._hold(where, 1, 0)
 
     async def charge_tokens(self, tokens: int, *, give_back: bool = True) -> None:
         """Step 2: reserve `tokens` more (the caller reserves in as many steps as it needs). If they do not fit, it
@@ -147,12 +155,18 @@ class Ticket:
         earlier reservations), else the caller settles what it holds (some of it was billed already)."""
         if tokens <= 0:
             return
-        reply, where = await self._quotas.charge(self._keys(), self._args(0, tokens))
-        if reply[0] == 0 and give_back:
-            await self.release_request()
-            await self._correct_tokens(-self.tokens)
-        self._apply(reply, 0, tokens, released=give_back)
-        self._hold(where, 0, tokens)
+        with self._quotas.tracing.span("quota charge") as span:
+            if span.is_recording():
+                span.set_attribute("embedding_proxy.quota.step", "tokens")
+                span.set_attribute("embedding_proxy.quota.tokens", tokens)
+            reply, where = await self._quotas.charge(self._keys(), self._args(0, tokens))
+            if span.is_recording():
+                span.set_attribute("embedding_proxy.quota.store", where)
+            if reply[0] == 0 and give_back:
+                await self.release_request()
+                await self._correct_tokens(-self.tokens)
+            self._apply(reply, 0, tokens, released=give_back)
+            self._hold(where, 0, tokens)
 
     async def release_request(self) -> None:
         """Give the request slot back (refused for tokens, or invalid after step 1)."""
@@ -228,8 +242,11 @@ class Quotas:
         settings: QuotaSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        *,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._store = store
+        self.tracing = tracing  # the tickets' charges are spans
         self._keys = keys
         self._teams = teams
         self._settings = settings

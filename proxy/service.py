@@ -33,6 +33,7 @@ from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
 from .store import StoreUnavailable
 from .tokens import Tokenizer
+from .tracing import NO_TRACING, Tracing
 from .upstream import UpstreamClient
 from .usage import UsageLedger
 
@@ -120,9 +121,11 @@ class EmbeddingService:
         clock: Callable[[], float] = time.time,
         *,
         generations: CacheGenerations,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._settings = settings
         self._generations = generations
+        self._tracing = tracing
         self._ledger = ledger
         self._clock = clock
         self._cache = cache
@@ -208,7 +211,14 @@ class EmbeddingService:
                 charging = asyncio.ensure_future(ticket.charge_request())
             try:
                 also = ticket.queue if ticket is not None and carried else None
-                quota_reply = await self._read(keys, lookup, found, dims, also)
+                with self._tracing.span("cache read") as span:
+                    if span.is_recording():
+                        span.set_attribute("db.system.name", "redis")
+                        span.set_attribute("embedding_proxy.cache.lookups", len(lookup))
+                        span.set_attribute("embedding_proxy.quota.in_cache_read", also is not None)
+                    quota_reply = await self._read(keys, lookup, found, dims, also)
+                    if span.is_recording():
+                        span.set_attribute("embedding_proxy.cache.hits", sum(found[i] is not None for i in lookup))
             except StoreUnavailable as exc:
                 readable = False
                 m.add(m.cache_lookups, "error", amount=len(lookup))

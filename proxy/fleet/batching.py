@@ -15,6 +15,9 @@ extends a request's wait beyond its deadline.
 Each caller gets exactly its own rows of the merged answer and its own slice of the per-input token counts (which
 add up to the upstream's usage for the merged call). A merged call that fails fails every caller it carried, except
 an upstream 400: one caller's input may be what the upstream refused, so each caller is then tried alone.
+
+Traces: a call that waited runs in whichever task dispatched it, so it takes the trace context of the first
+(sampled) caller it carries: its upstream spans are children of that request's span and link to the others'.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
+from ..tracing import NO_TRACING, Tracing
 from ..upstream import UpstreamResult
 
 # How long a miss that arrives while its lane has a call in flight waits for others to join it. Issue 11 allows at
@@ -44,6 +48,7 @@ class _Part:
     counts: Sequence[int]
     asked: float
     future: asyncio.Future[Served]
+    origin: object = None  # the caller's trace context, when the call is made in another task
 
 
 @dataclass(slots=True)
@@ -58,13 +63,14 @@ class _Lane:
 class MicroBatcher:
     def __init__(
         self, call: Call, limits: Callable[[str], tuple[int, int]],
-        on_call: Callable[[str, int, int], None] | None = None,
+        on_call: Callable[[str, int, int], None] | None = None, tracing: Tracing = NO_TRACING,
     ) -> None:
         """`call` makes one upstream call; `limits(model)` is (max items, max tokens) per call; `on_call(model,
         callers, inputs)` sees every call made."""
         self._call = call
         self._limits = limits
         self._on_call = on_call
+        self._tracing = tracing
         self._lanes: dict[LaneKey, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -87,6 +93,7 @@ class MicroBatcher:
         tokens = sum(counts)
         if lane.pending and (lane.items + len(inputs) > max_items or lane.tokens + tokens > max_tokens):
             self._dispatch(key, lane)  # the waiting call is full: it goes now
+        part.origin = self._tracing.origin()
         lane.pending.append(part)
         lane.items += len(inputs)
         lane.tokens += tokens
@@ -128,7 +135,9 @@ class MicroBatcher:
         if self._on_call is not None:
             self._on_call(model, len(parts), len(inputs))
         try:
-            result, served = await self._call(model, inputs, counts, dimensions, user, min(p.asked for p in parts))
+            with self._tracing.merged_call([p.origin for p in parts]):
+                result, served = await self._call(model, inputs, counts, dimensions, user,
+                                                  min(p.asked for p in parts))
         except InvalidRequest as exc:
             if len(parts) > 1:
                 await asyncio.gather(*(self._serve(key, [p]) for p in parts))

@@ -23,6 +23,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import InvalidRequest, ProxyError, RateLimited, ServiceUnavailable, UpstreamTimeout
 from ..metrics import Metrics, upstream_error_kind
+from ..tracing import NO_TRACING, Span, Tracing
 from ..upstream import RetryableError, UpstreamClient, UpstreamResult, answer_limit, parse_answer, usage_tokens
 from .batching import MicroBatcher, Served
 from .kinds import make_body
@@ -47,8 +48,10 @@ class FleetClient:
         clock: Callable[[], float] = time.monotonic,
         on_retry: Callable[[str, str], None] | None = None,
         batching: bool = True,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._settings = settings
+        self._tracing = tracing
         self._http = UpstreamClient(settings)  # the connection pool and the per-attempt POST
         self._rng = rng or random.Random()
         self._sleep = sleep
@@ -57,7 +60,7 @@ class FleetClient:
         self._metrics = metrics
         self.router = Router(settings, self._rng)
         self._permits = {name: asyncio.Semaphore(u.max_concurrency) for name, u in settings.upstreams.items()}
-        self._batcher = MicroBatcher(self._call, self._limits, self._observe_call) if batching else None
+        self._batcher = MicroBatcher(self._call, self._limits, self._observe_call, tracing) if batching else None
         if metrics is not None:
             metrics.register_fleet([(d.model, d.upstream) for d in self.router.deployments()], self.refresh_gauges)
 
@@ -182,18 +185,34 @@ class FleetClient:
         self, d: Deployment, payload: bytes, tokens: int, counts: Sequence[int], dims: int, limit_s: float,
     ) -> UpstreamResult | _Failure:
         """The checked answer (vectors, per-input tokens within the usage bounds), or what went wrong."""
+        with self._tracing.upstream_span(d, len(counts)) as span:  # a CLIENT span, sent upstream as traceparent
+            outcome = await self._attempt_in(d, payload, tokens, counts, dims, limit_s, span)
+            if span.is_recording():
+                if isinstance(outcome, UpstreamResult):
+                    span.set_attribute("gen_ai.usage.input_tokens", sum(outcome.tokens))
+                else:
+                    span.fail(upstream_error_kind(outcome.error))
+            return outcome
+
+    async def _attempt_in(
+        self, d: Deployment, payload: bytes, tokens: int, counts: Sequence[int], dims: int, limit_s: float,
+        span: Span,
+    ) -> UpstreamResult | _Failure:
         budget = d.budget
         budget.take(tokens, self._clock())
 
         def on_headers(status: int, headers: Mapping[str, str]) -> None:
             budget.observe(headers, self._clock(), tokens)
+            span.set_attribute("http.response.status_code", status)
 
         m = self._metrics
         started = time.perf_counter()
         try:
             async with self._permits[d.upstream]:
+                target = d.target if not self._tracing.enabled else (
+                    d.target[0], self._tracing.upstream_headers(d.target[1]), d.target[2])
                 raw = await self._http._attempt(d.upstream, payload, limit_s, answer_limit(len(counts), dims),
-                                                d.target, on_headers)
+                                                target, on_headers)
             vectors, usage = parse_answer(raw, len(counts), dims)
             answer = UpstreamResult(vectors, usage_tokens(usage, counts))
         except RetryableError as exc:

@@ -1,0 +1,189 @@
+"""OpenTelemetry traces: off unless an OTLP endpoint is configured with the standard OTEL_* variables.
+
+Off (the default), the app holds NO_TRACING: nothing of OpenTelemetry is imported, no middleware is added, and the
+places that would make a span (the cache read, the quota charges, each upstream attempt) get one shared no-op
+object from a method call, so the hot path holds no SDK object. On, `start` returns proxy/otel.py's implementation
+(the SDK, exported over OTLP/HTTP by a background thread; one provider per process, so per `serve --workers`
+worker). The attribute names live here, in one place; spans never carry an input, a key or an error message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .fleet.router import Deployment
+    from .metrics import Metrics
+
+_NS = "embedding_proxy."
+# The gateway's own attributes of a request's server span.
+TEAM, KEY_ID, REQUEST_ID = _NS + "team", _NS + "key_id", _NS + "request_id"
+INPUTS, CACHE, CACHE_HITS = _NS + "inputs", _NS + "cache", _NS + "cache_hits"
+UPSTREAM_INPUTS, CACHED_TOKENS = _NS + "upstream_inputs", _NS + "cached_tokens"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+
+
+class Span(Protocol):
+    """What the proxy's code does with a span, whether tracing is on or off."""
+
+    def set_attribute(self, key: str, value: Any) -> None: ...
+
+    def is_recording(self) -> bool: ...
+
+    def fail(self, error_type: str) -> None: ...
+
+    def update_name(self, name: str) -> None: ...
+
+
+class SpanScope(Protocol):
+    """A span that is the current one inside a `with` block (its children's parent), ended at the block's end;
+    an exception leaving the block marks it failed with the exception's error code or class, not its message."""
+
+    def __enter__(self) -> Span: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+class _NoSpan:
+    """Tracing off: a scope that is its own span and does nothing."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> _NoSpan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        return None
+
+    def is_recording(self) -> bool:
+        return False
+
+    def fail(self, error_type: str) -> None:
+        return None
+
+    def update_name(self, name: str) -> None:
+        return None
+
+
+NO_SPAN = _NoSpan()
+
+
+class Tracing:
+    """Tracing off: every span is NO_SPAN. proxy/otel.py's OtelTracing is the same interface, on."""
+
+    enabled = False
+
+    def span(self, name: str) -> SpanScope:
+        """A child of the current span (cache read, quota charge)."""
+        return NO_SPAN
+
+    def server_span(self, method: str, route: str | None, path: str, headers: Mapping[str, str]) -> SpanScope:
+        """One request's span, continuing the client's W3C `traceparent` when it sent one; `route` is the matched
+        route's template (None: no route matched)."""
+        return NO_SPAN
+
+    def upstream_span(self, deployment: Deployment, inputs: int) -> SpanScope:
+        """One upstream attempt (a CLIENT span); `upstream_headers` gives the headers that carry it upstream."""
+        return NO_SPAN
+
+    def upstream_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` plus the current span's `traceparent` (a copy: the deployment's own dict is shared)."""
+        return headers
+
+    def origin(self) -> object:
+        """The caller's trace context, for a micro-batched call made later in another task (see `merged_call`)."""
+        return None
+
+    def merged_call(self, origins: Sequence[object]) -> SpanScope:
+        """Around one upstream call carrying the inputs of the callers whose `origin`s are given: its spans are
+        children of the first sampled caller's span, linked to the others'."""
+        return NO_SPAN
+
+    async def shutdown(self) -> None:
+        """Export what is queued, within a bound (at the app's cleanup)."""
+
+
+NO_TRACING = Tracing()
+
+
+def traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """Where spans go (scheme, host, port and path only: no credentials), or None when tracing is off.
+
+    On when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set, unless OTEL_SDK_DISABLED is
+    true or OTEL_TRACES_EXPORTER is `none`. Raises ConfigError for what the proxy cannot do: another exporter or
+    protocol than OTLP over HTTP/protobuf, or the `otel` extra not installed."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE or exporter == "none" or not (traces or base):
+        return None
+    if exporter not in ("", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: the proxy exports traces with OTLP only ('otlp')")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = env.get(name, "").strip()
+        if protocol:
+            if protocol != "http/protobuf":
+                raise ConfigError(f"{name}={protocol!r}: the proxy exports traces over OTLP/HTTP only "
+                                  "('http/protobuf'; a collector's OTLP/HTTP port is usually 4318)")
+            break
+    url = traces or base.rstrip("/") + "/v1/traces"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"the OTLP traces endpoint {_safe(url)!r} is not an http(s) URL")
+    if importlib.util.find_spec("opentelemetry.sdk") is None or importlib.util.find_spec(
+            "opentelemetry.exporter.otlp.proto.http") is None:
+        raise ConfigError("an OTLP endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT) but the OpenTelemetry packages "
+                          "are not installed: pip install 'embedding-proxy[otel]'")
+    return _safe(url)
+
+
+def _safe(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def start(env: Mapping[str, str], metrics: Metrics) -> Tracing:
+    """NO_TRACING, or this process's tracer provider when an endpoint is configured (see `traces_endpoint`)."""
+    endpoint = traces_endpoint(env)
+    if endpoint is None:
+        return NO_TRACING
+    from .otel import OtelTracing  # the SDK is imported only here
+
+    return OtelTracing(env, metrics, endpoint)
+
+
+def server_attributes(
+    *, status: int, request_id: str, team: str | None, key_id: str | None, model: str | None,
+    encoding_format: str | None, dimensions: int | None, inputs: int, cache_hits: int, upstream_inputs: int,
+    prompt_tokens: int, cached_tokens: int, cache: str,
+) -> dict[str, Any]:
+    """A request's server-span attributes once it is answered: HTTP's, then for an embeddings request the GenAI
+    semantic conventions' and the gateway's own. Counts and tokens are set for answered (200) requests only."""
+    attrs: dict[str, Any] = {"http.response.status_code": status, REQUEST_ID: request_id}
+    if team is not None and key_id is not None:
+        attrs[TEAM], attrs[KEY_ID] = team, key_id
+    if model is None:
+        return attrs
+    attrs["gen_ai.operation.name"] = "embeddings"
+    attrs["gen_ai.request.model"] = model
+    if encoding_format is not None:
+        attrs["gen_ai.request.encoding_formats"] = [encoding_format]
+    if dimensions is not None:
+        attrs["gen_ai.embeddings.dimension.count"] = dimensions
+    if status == 200:
+        attrs["gen_ai.usage.input_tokens"] = prompt_tokens
+        attrs[INPUTS], attrs[CACHE_HITS], attrs[UPSTREAM_INPUTS] = inputs, cache_hits, upstream_inputs
+        attrs[CACHED_TOKENS], attrs[CACHE] = cached_tokens, cache
+    return attrs
