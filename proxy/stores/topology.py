@@ -27,7 +27,7 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnec
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisSettings
@@ -238,11 +238,12 @@ async def confirm_master(client: Any) -> None:
     replies = await asyncio.gather(*(s.sentinel_master(pool.service_name) for s in sentinels),
                                    return_exceptions=True)
     named: set[tuple[str, int]] = set()
-    answered = 0
+    answered = unknown = 0
     for reply in replies:
         if isinstance(reply, BaseException):
             if isinstance(reply, asyncio.CancelledError):
                 raise reply
+            unknown += isinstance(reply, ResponseError) and "no such master" in str(reply).lower()
             continue
         answered += 1
         flags = reply.get("flags", "")
@@ -250,6 +251,9 @@ async def confirm_master(client: Any) -> None:
         if "failover_in_progress" in flags:
             raise MasterUncertain("a sentinel is failing the master over")
         named.add((str(reply["ip"]), int(reply["port"])))
+    if unknown > len(sentinels) // 2:
+        raise TopologyError(f"no sentinel knows a master named {pool.service_name!r} (the first item of the sentinel "
+                            "URL)")
     if answered <= len(sentinels) // 2:
         raise MasterUncertain(f"{answered} of {len(sentinels)} sentinels answered; a majority must name the master")
     if len(named) != 1:
