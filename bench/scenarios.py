@@ -282,7 +282,7 @@ async def miss_scenarios(ctx: Ctx) -> None:
 
 
 def cache_keys(texts: list[str]) -> list[str]:
-    from proxy.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
+    from proxy.stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 
     b = DigestBuilder(seed_from_secret(CACHE_SECRET), MODEL, None, "s")
     ns = RedisKeys("ep").cache_namespace(None)
@@ -442,7 +442,7 @@ async def reject_scenarios(ctx: Ctx) -> None:
 async def memory_scenario(ctx: Ctx) -> None:
     """MEMORY USAGE of the 100 cached hit entries, and of the same vectors and counts stored in the previous
     layout (4-byte count + raw vector, as the proxy wrote them before packed entries) under scratch keys."""
-    from proxy.entrycodec import decode_entry
+    from proxy.stores.entrycodec import decode_entry
 
     keys = cache_keys([hit_text(k) for k in range(100)])
     sizes = [ctx.redis.memory_usage(k, samples=0) for k in keys]

@@ -39,16 +39,16 @@ import orjson
 from aiohttp import web
 
 from .body import read_json_object
-from .cachestats import StatsUnavailable, StoreRef, cache_stats
 from .errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
-from .fleet import FleetClient
-from .generations import CacheGenerations, PurgeRefused
 from .keys import KEY_PREFIX, MAX_LIFETIME_S, KeyStore, bearer_key, check_key_name, secret_bytes
 from .limits import Limits, check_team
-from .rediskeys import RedisKeys
 from .routing import expect_continue
-from .store import StoreUnavailable
+from .stores.cachestats import StatsUnavailable, StoreRef, cache_stats
+from .stores.generations import CacheGenerations, PurgeRefused
+from .stores.guard import StoreUnavailable
+from .stores.rediskeys import RedisKeys
 from .teams import TeamStore
+from .upstream import FleetClient
 from .usage import REPORT_FLUSH_WAIT_S, GroupBy, UsageLedger, report_format
 
 _LIMIT_NAMES = tuple(Limits().to_dict())

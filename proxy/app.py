@@ -29,8 +29,6 @@ from .admin import CacheAdmin, add_cache_routes, add_fleet_routes, check_admin
 from .admin import add_routes as add_admin_routes
 from .announcements import Channel, listen
 from .body import read_body
-from .cache import EmbeddingCache
-from .cachestats import StoreRef, process_stats
 from .config import Settings
 from .console import add_routes as add_console_routes
 from .console import is_console
@@ -43,21 +41,23 @@ from .errors import (
     ProxyError,
     ServiceUnavailable,
 )
-from .fleet import SERVED_BY, FleetClient
-from .generations import CacheGenerations
 from .keys import Authenticator, KeyRecord, KeyStore, bearer_key, check_model
 from .metrics import Metrics
 from .quota import Quotas
-from .rediskeys import RedisKeys
 from .request import EmbeddingRequest, parse_request
 from .response import render
 from .routing import UNMATCHED, add_unknown_route, expect_continue
 from .service import EmbeddingService, Trace
-from .store import Store, StoreUnavailable, connect
+from .stores.cache import EmbeddingCache
+from .stores.cachestats import StoreRef, process_stats
+from .stores.generations import CacheGenerations
+from .stores.guard import Store, StoreUnavailable, connect
+from .stores.rediskeys import RedisKeys
 from .teams import TeamStore
 from .tokens import make_tokenizer
 from .tracing import Span, Tracing, server_attributes
 from .tracing import start as start_tracing
+from .upstream import SERVED_BY, FleetClient
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.app")

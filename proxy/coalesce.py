@@ -13,7 +13,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from .cache import Entry
+from .stores.cache import Entry
 
 # How many recent releases are remembered. A request that started before the oldest remembered release treats
 # every key as possibly released (one extra cache read), so this only needs to cover one request's lifetime.

@@ -20,8 +20,8 @@ from typing import Any
 
 from .errors import AuthenticationFailed, KeyChanged, KeyNotActive, PermissionDenied, ServiceUnavailable
 from .limits import UNLIMITED, Limits, check_team
-from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
+from .stores.guard import Store, StoreUnavailable
+from .stores.rediskeys import RedisKeys
 
 log = logging.getLogger("proxy.keys")
 KEY_PREFIX = "sk-gateway-"

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
-from .cachestats import StatsUnavailable, StoreRef, cache_stats
 from .config import Settings
 from .errors import KeyNotActive
-from .generations import CacheGenerations, PurgeRefused
 from .keys import MAX_LIFETIME_S, KeyRecord, KeyStore
 from .limits import LIMIT_WINDOWS, Limits
-from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable, connect
+from .stores.cachestats import StatsUnavailable, StoreRef, cache_stats
+from .stores.generations import CacheGenerations, PurgeRefused
+from .stores.guard import Store, StoreUnavailable, connect
+from .stores.rediskeys import RedisKeys
 from .stores.topology import TopologyError, describe
 from .teams import TeamStore
 from .usage import UsageLedger, report_format
@@ -229,7 +229,7 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cache(args: argparse.Namespace, settings: Settings, store: Store, cache_store: Store | None,
                  rkeys: RedisKeys) -> int:
-    # the cache store too: a purge writes its generation there, and reads what it holds (proxy/generations.py)
+    # the cache store too: a purge writes its generation there, and reads what it holds (proxy/stores/generations.py)
     generations = CacheGenerations(store, rkeys, settings.models, settings.cache.scope, cache_store=cache_store)
     if args.cache_cmd == "purge":
         try:

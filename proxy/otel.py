@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .tracing import NO_SPAN, Span, SpanScope, Tracing
 
 if TYPE_CHECKING:
-    from .fleet.router import Deployment
+    from .upstream.router import Deployment
 
 log = logging.getLogger("proxy.tracing")
 _DEFAULT_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE

@@ -27,8 +27,8 @@ from .errors import ProxyError, QuotaExceeded, RateLimited, ServiceUnavailable, 
 from .keys import KeyRecord
 from .limits import LIMIT_WINDOWS, Limits
 from .metrics import Metrics
-from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable, in_process_redis
+from .stores.guard import Store, StoreUnavailable, in_process_redis
+from .stores.rediskeys import RedisKeys
 from .teams import TeamStore
 from .tracing import NO_TRACING, Tracing
 

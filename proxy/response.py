@@ -15,10 +15,10 @@ import numpy as np
 import orjson
 import pybase64
 
-from .cache import Entry
-from .localcache import LocalCache
 from .request import EmbeddingRequest
 from .service import Outcome
+from .stores.cache import Entry
+from .stores.localcache import LocalCache
 
 _LIST_OPEN = b'{"object":"list","data":['
 _ITEM_OPEN = {

@@ -19,22 +19,22 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .cache import EmbeddingCache, Entry, ReadFailed
 from .coalesce import InFlight
 from .config import ModelSettings, Settings
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, UpstreamBadGateway
-from .fleet import FleetClient
-from .generations import CacheGenerations
 from .keys import KeyRecord
-from .localcache import LocalCache
 from .metrics import Metrics
 from .quota import REPLY_LOST, Ticket
-from .rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .request import EmbeddingRequest
-from .store import StoreUnavailable
+from .stores.cache import EmbeddingCache, Entry, ReadFailed
+from .stores.generations import CacheGenerations
+from .stores.guard import StoreUnavailable
+from .stores.localcache import LocalCache
+from .stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .tokens import Tokenizer
 from .tracing import NO_TRACING, Tracing
-from .upstream import UpstreamClient
+from .upstream import FleetClient
+from .upstream.http import UpstreamClient
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.service")

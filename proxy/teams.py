@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .limits import Limits, check_team
-from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
+from .stores.guard import Store, StoreUnavailable
+from .stores.rediskeys import RedisKeys
 
 
 class TeamStore:

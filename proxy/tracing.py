@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from .config import ConfigError
 
 if TYPE_CHECKING:
-    from .fleet.router import Deployment
     from .metrics import Metrics
+    from .upstream.router import Deployment
 
 _NS = "embedding_proxy."
 # The gateway's own attributes of a request's server span.

@@ -35,8 +35,8 @@ from typing import Any, Literal
 import orjson
 from redis.exceptions import NoScriptError
 
-from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
+from .stores.guard import Store, StoreUnavailable
+from .stores.rediskeys import RedisKeys
 
 log = logging.getLogger("proxy.usage")
 METRICS = ("requests", "upstream_tokens", "cached_tokens", "failed_tokens")

@@ -17,8 +17,8 @@ from typing import Any
 from playwright.sync_api import sync_playwright
 
 from proxy.config import RedisSettings
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from proxy.usage import UsageLedger
 from tests.conftest import RedisServer
 from tests.stack import embed, http, start_mock, start_proxy

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import RedisSettings
 from proxy.keys import KeyStore
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, free_port
 
 MODEL = "text-embedding-3-small"

@@ -1,4 +1,4 @@
-"""Break11: defects found in issue 11's upstream fleet (proxy/fleet/), each reproduced against real servers (the mock
+"""Break11: defects found in issue 11's upstream fleet (proxy/upstream/), each reproduced against real servers (the mock
 upstream as one real server per deployment, a real redis-server, the proxy app on a real socket). Every test here
 fails on the code it was written against."""
 

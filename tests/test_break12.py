@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.admin import CACHE
-from proxy.store import StoreUnavailable
+from proxy.stores.guard import StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder
 from tests.redis_servers import SENTINEL_MASTER, SentinelSet

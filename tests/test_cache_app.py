@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from proxy.mock_upstream import vector_for
-from proxy.rediskeys import DigestBuilder, seed_from_secret
+from proxy.stores.rediskeys import DigestBuilder, seed_from_secret
 from proxy.tokens import get_encoding
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import vectors

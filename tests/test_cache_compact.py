@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.cache import EmbeddingCache, Entry
 from proxy.config import RedisSettings
-from proxy.entrycodec import PACKED_TAG
 from proxy.mock_upstream import vector_for
-from proxy.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
-from proxy.store import Store
+from proxy.stores.cache import EmbeddingCache, Entry
+from proxy.stores.entrycodec import PACKED_TAG
+from proxy.stores.guard import Store
+from proxy.stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from proxy.tokens import get_encoding
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import vectors

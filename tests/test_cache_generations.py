@@ -16,9 +16,9 @@ import redis
 
 from proxy.admin import CACHE
 from proxy.config import RedisSettings
-from proxy.generations import CacheGenerations
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, in_process_redis
+from proxy.stores.generations import CacheGenerations
+from proxy.stores.guard import Store, in_process_redis
+from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder
 from tests.helpers import until

@@ -17,9 +17,9 @@ import xxhash
 from proxy.admin import CACHE
 from proxy.app import LEDGER, SERVICE
 from proxy.config import ConfigError, RedisSettings, parse
-from proxy.generations import CacheGenerations
-from proxy.rediskeys import DigestBuilder, RedisKeys
-from proxy.store import Store, in_process_redis
+from proxy.stores.generations import CacheGenerations
+from proxy.stores.guard import Store, in_process_redis
+from proxy.stores.rediskeys import DigestBuilder, RedisKeys
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import until
 from tests.redis_servers import Cluster
@@ -259,8 +259,8 @@ async def test_stats_per_team_under_the_team_scope_and_a_shared_store(
 
 
 async def test_stats_estimate_from_a_sample_beyond_the_scan_limit(redis_url: str) -> None:
-    from proxy.cachestats import SAMPLE, SCAN_LIMIT, StoreRef, store_stats
-    from proxy.store import connect
+    from proxy.stores.cachestats import SAMPLE, SCAN_LIMIT, StoreRef, store_stats
+    from proxy.stores.guard import connect
 
     raw = redis.Redis.from_url(redis_url)
     pipe = raw.pipeline(transaction=False)

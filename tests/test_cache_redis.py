@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.cache import EmbeddingCache, Entry
 from proxy.config import RedisSettings
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, StoreUnavailable
+from proxy.stores.cache import EmbeddingCache, Entry
+from proxy.stores.guard import Store, StoreUnavailable
+from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import RedisServer
 from tests.helpers import count_store_calls
 

@@ -19,8 +19,8 @@ import pytest
 from proxy.app import CACHE_STORE, LEDGER
 from proxy.config import RedisSettings
 from proxy.keys import KeyStore
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, Upstream, free_port, make_settings, settle
 from tests.helpers import assert_same_vectors, count_store_calls, direct, vectors
 from tests.redis_servers import Cluster

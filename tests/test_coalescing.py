@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from proxy.app import SERVICE
-from proxy.cache import EmbeddingCache
 from proxy.coalesce import InFlight
+from proxy.stores.cache import EmbeddingCache
 from proxy.tokens import Tokenizer
 from tests.conftest import Proxy, Upstream, make_settings, settle
 
@@ -36,7 +36,7 @@ def slow_reads(proxy: Proxy, when: str, delay_s: float) -> None:
 
 
 def key_of(proxy: Proxy, text: str) -> str:
-    from proxy.rediskeys import DigestBuilder
+    from proxy.stores.rediskeys import DigestBuilder
 
     seed = proxy.app[SERVICE]._cache._seed
     assert seed is not None

@@ -1,4 +1,4 @@
-"""The packed cache value (proxy/entrycodec.py): every float32 bit and the count come back, for every size; what is
+"""The packed cache value (proxy/stores/entrycodec.py): every float32 bit and the count come back, for every size; what is
 not a value of the asked size, including the previous layout, is a miss."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from proxy.entrycodec import HEAD, PACKED_TAG, RAW_TAG, Entry, decode_entries, decode_entry, encode_entries
-from proxy.localcache import LocalCache, entry_cost
 from proxy.mock_upstream import vector_for
+from proxy.stores.entrycodec import HEAD, PACKED_TAG, RAW_TAG, Entry, decode_entries, decode_entry, encode_entries
+from proxy.stores.localcache import LocalCache, entry_cost
 
 DIMS = [*range(1, 80), 96, 127, 128, 255, 256, 257, 384, 512, 768, 1000, 1024, 1536, 2048, 3071, 3072]
 COUNTS = [0, 1, 255, 256, 8191, 65535, 65536, 2**32 - 1]

@@ -14,13 +14,13 @@ from tokenizers import models, pre_tokenizers, processors, trainers
 from proxy import config
 from proxy.cli import main
 from proxy.errors import InvalidRequest, UpstreamBadGateway
-from proxy.fleet import parse_duration
-from proxy.fleet.batching import MicroBatcher
-from proxy.fleet.pacing import Budget
-from proxy.fleet.router import Router
 from proxy.request import parse_request
 from proxy.tokens import make_tokenizer
-from proxy.upstream import UpstreamResult
+from proxy.upstream import parse_duration
+from proxy.upstream.batching import MicroBatcher
+from proxy.upstream.http import UpstreamResult
+from proxy.upstream.pacing import Budget
+from proxy.upstream.router import Router
 
 FLEET_TOML = """
 [upstreams.a]
@@ -274,7 +274,7 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
             await gate.wait()
         vectors = np.array([[float(s[1:]), 0.0] for s in inputs], dtype="<f4")  # type: ignore[index]
         total = sum(counts) + len(counts)  # the upstream counts one more token per input than we did
-        from proxy.upstream import split_usage
+        from proxy.upstream.http import split_usage
         return UpstreamResult(vectors, split_usage(total, counts)), "a"
 
     batcher = MicroBatcher(call, lambda model: (4, 1000))

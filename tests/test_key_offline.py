@@ -8,8 +8,8 @@ import pytest
 from proxy.config import RedisSettings
 from proxy.errors import AuthenticationFailed, ServiceUnavailable
 from proxy.keys import Authenticator, KeyStore
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store
+from proxy.stores.guard import Store
+from proxy.stores.rediskeys import RedisKeys
 from tests.helpers import Clock
 
 GRACE = 120.0

@@ -13,8 +13,8 @@ from proxy.config import RedisSettings
 from proxy.errors import AuthenticationFailed, KeyChanged, KeyNotActive
 from proxy.keys import Authenticator, KeyRecord, KeyStore, hash_key
 from proxy.limits import Limits
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import METRICS, SERVICE
-from proxy.cache import Entry, decode_entry, encode_entry
-from proxy.localcache import LocalCache, entry_cost
+from proxy.stores.cache import Entry, decode_entry, encode_entry
+from proxy.stores.localcache import LocalCache, entry_cost
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import Clock, assert_same_vectors, direct, vectors
 

@@ -16,8 +16,8 @@ from proxy.keys import KeyRecord
 from proxy.limits import Limits
 from proxy.metrics import Metrics
 from proxy.quota import Quotas, Ticket, format_reset, window
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from proxy.teams import TeamStore
 from tests.helpers import Clock
 

@@ -13,7 +13,7 @@ import pytest
 from proxy.app import KEYSTORE, LEDGER, STORE
 from proxy.keys import KeyStore, hash_key
 from proxy.limits import Limits
-from proxy.rediskeys import RedisKeys
+from proxy.stores.rediskeys import RedisKeys
 from proxy.usage import day_of
 from tests.conftest import Proxy, Upstream, make_settings, settle
 from tests.helpers import count_store_calls

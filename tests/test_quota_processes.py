@@ -17,8 +17,8 @@ import pytest
 
 from proxy.config import RedisSettings
 from proxy.keys import KeyStore
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, connect
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, Upstream, free_port
 
 pytestmark = pytest.mark.redis

@@ -18,7 +18,7 @@ from proxy.app import KEYSTORE, METRICS
 from proxy.config import RedisSettings
 from proxy.limits import Limits
 from proxy.metrics import REDIS_OPS
-from proxy.store import Store, StoreUnavailable
+from proxy.stores.guard import Store, StoreUnavailable
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import Clock
 from tests.stack import Samples, delta

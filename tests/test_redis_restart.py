@@ -12,7 +12,7 @@ import pytest
 
 from proxy.app import STORE
 from proxy.config import RedisSettings
-from proxy.store import Store, StoreUnavailable, connect
+from proxy.stores.guard import Store, StoreUnavailable, connect
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder
 from tests.test_redis_outage import LOOKUP_ERRORS, REDIS_ERRORS, grew, samples

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from proxy.cache import EmbeddingCache, Entry
-from proxy.localcache import LocalCache
-from proxy.rediskeys import RedisKeys
 from proxy.request import EmbeddingRequest
 from proxy.response import render
 from proxy.service import Outcome
+from proxy.stores.cache import EmbeddingCache, Entry
+from proxy.stores.localcache import LocalCache
+from proxy.stores.rediskeys import RedisKeys
 
 
 def _outcome(vectors: list[bytes | memoryview], positions: list[int]) -> Outcome:

@@ -12,8 +12,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from proxy.config import ConfigError, RedisSettings, parse
-from proxy.rediskeys import RedisKeys
-from proxy.store import StoreUnavailable
+from proxy.stores.guard import StoreUnavailable
+from proxy.stores.rediskeys import RedisKeys
 from proxy.stores.topology import (
     Endpoint,
     MasterUncertain,

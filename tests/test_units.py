@@ -10,14 +10,14 @@ import pytest
 import xxhash
 
 from proxy import config
-from proxy.cache import Entry, decode_entry, encode_entry
 from proxy.errors import InvalidRequest, NotFound
 from proxy.keys import KeyRecord, bearer_key, generate_key, hash_key
-from proxy.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from proxy.request import parse_request
 from proxy.service import chunk
+from proxy.stores.cache import Entry, decode_entry, encode_entry
+from proxy.stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from proxy.tokens import PUBLISHED_SHA256, Tokenizer, TokenizerError, parse_ranks
-from proxy.upstream import parse_retry_after, split_usage
+from proxy.upstream.http import parse_retry_after, split_usage
 
 
 def test_redis_key_formats_are_literal() -> None:

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import config
 from proxy.errors import InvalidRequest, ProxyError, RateLimited, ServiceUnavailable, UpstreamBadGateway
-from proxy.upstream import UpstreamClient
+from proxy.upstream.http import UpstreamClient
 
 KEY = "sk-upstream-unit-SECRET-0123456789"
 MODEL = "tiny"

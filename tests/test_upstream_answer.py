@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from proxy.errors import UpstreamBadGateway
-from proxy.upstream import (
+from proxy.upstream.http import (
     MAX_RETRY_AFTER_S,
     _Retryable,
     answer_limit,

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy.cache import decode_entry
 from proxy.mock_upstream import HUGE_BODY_BYTES
+from proxy.stores.cache import decode_entry
 from tests.conftest import Proxy, RedisServer, Upstream, settle
 from tests.helpers import assert_same_vectors, direct, vectors
 from tests.test_errors import assert_openai_error

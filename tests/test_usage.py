@@ -15,8 +15,8 @@ from redis.crc import key_slot
 
 from proxy.app import STORE
 from proxy.config import RedisSettings
-from proxy.rediskeys import RedisKeys
-from proxy.store import Store, StoreUnavailable, connect
+from proxy.stores.guard import Store, StoreUnavailable, connect
+from proxy.stores.rediskeys import RedisKeys
 from proxy.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder

@@ -1,4 +1,4 @@
--- A cache purge (proxy/generations.py): the field's next generation, above both what this store holds and what
+-- A cache purge (proxy/stores/generations.py): the field's next generation, above both what this store holds and what
 -- the purger knows from elsewhere (ARGV[2]: this process's own view and the cache store's copy), so a store that
 -- lost its hash never hands out a number some process already uses.
 -- KEYS[1]: the generations hash. ARGV[1]: the field, ARGV[2]: the highest generation known elsewhere.

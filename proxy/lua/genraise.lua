@@ -1,4 +1,4 @@
--- Raises generations to at least the given values, never lowers one (proxy/generations.py): a process puts back
+-- Raises generations to at least the given values, never lowers one (proxy/stores/generations.py): a process puts back
 -- what a store lost, or copies a purge to the cache store, without undoing a purge that landed meanwhile.
 -- KEYS[1]: the generations hash. ARGV: field, generation pairs. Reply: how many fields were raised.
 local raised = 0

@@ -69,7 +69,7 @@ async def inspect(settings: RedisSettings, var: str) -> list[ServerFacts]:
     """The facts of every master of the store `settings` names, then of every replica known (an unreadable replica
     has policy None). Raises TopologyError, or RedisError, RedisClusterException, OSError or TimeoutError when it
     cannot be reached."""
-    from ..store import connect  # store.py imports this package
+    from .guard import connect  # store.py imports this package
 
     client, _ = connect(settings, var)
     found: list[tuple[str, Any]] = []

@@ -21,14 +21,14 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .config import RedisSettings
+from ..config import RedisSettings
+from ..metrics import Metrics
+from ..usage import UsageLedger
 from .generations import CacheGenerations
+from .guard import Store, StoreUnavailable
 from .localcache import LocalCache
-from .metrics import Metrics
 from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
-from .stores.topology import describe, masters
-from .usage import UsageLedger
+from .topology import describe, masters
 
 SCAN_LIMIT = 1000
 SAMPLE = 200

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .entrycodec import Entry, decode_entries, decode_entry, encode_entries, encode_entry
+from .guard import Store, StoreUnavailable
 from .rediskeys import RedisKeys, seed_from_secret
-from .store import Store, StoreUnavailable
-from .stores.slots import mget_batches
+from .slots import mget_batches
 
 
 class ReadFailed(StoreUnavailable):

@@ -15,7 +15,7 @@ import orjson
 import yarl
 
 from ..config import UpstreamSettings
-from ..upstream import Target
+from .http import Target
 
 
 def make_target(up: UpstreamSettings, upstream_model: str, api_key: str) -> Target:

@@ -24,8 +24,8 @@ from ..config import Settings
 from ..errors import InvalidRequest, ProxyError, RateLimited, ServiceUnavailable, UpstreamTimeout
 from ..metrics import Metrics, upstream_error_kind
 from ..tracing import NO_TRACING, Span, Tracing
-from ..upstream import RetryableError, UpstreamClient, UpstreamResult, answer_limit, parse_answer, usage_tokens
 from .batching import MicroBatcher, Served
+from .http import RetryableError, UpstreamClient, UpstreamResult, answer_limit, parse_answer, usage_tokens
 from .kinds import make_body
 from .router import Choice, Deployment, Router
 

@@ -21,8 +21,8 @@ import orjson
 import pybase64
 import yarl
 
-from .config import Settings
-from .errors import (
+from ..config import Settings
+from ..errors import (
     InvalidRequest,
     ProxyError,
     RateLimited,
@@ -363,4 +363,4 @@ def _bad(message: str) -> _Retryable:
     return _Retryable(UpstreamBadGateway(message))
 
 
-RetryableError = _Retryable  # for the fleet (proxy/fleet), which runs its own attempts through `_attempt`
+RetryableError = _Retryable  # for client.py (the fleet), which runs its own attempts through `_attempt`

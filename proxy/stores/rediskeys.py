@@ -29,7 +29,7 @@
 derived from the deployment's cache secret; `dimensions` is 0 when the client sent none, `kind` is `s` (payload:
 the UTF-8 text) or `t` (payload: the token ids as little-endian uint32). A model with a `cache_revision` hashes
 `model NUL revision` where `model` stands: bumping it leaves every old entry of the model unread. Once a model has
-been purged, its generation follows: `model NUL revision NUL g{generation}` (proxy/generations.py).
+been purged, its generation follows: `model NUL revision NUL g{generation}` (proxy/stores/generations.py).
 """
 
 from __future__ import annotations

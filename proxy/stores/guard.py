@@ -28,8 +28,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from .config import RedisSettings
-from .stores.topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
+from ..config import RedisSettings
+from .topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .limits import check_team
+from ..limits import check_team
+from .guard import Store, StoreUnavailable
 from .rediskeys import RedisKeys
-from .store import Store, StoreUnavailable
 
 log = logging.getLogger("proxy.generations")
 _MAX_TOKENS = 10_000  # (model, team) pairs whose key part is remembered; beyond, the memo starts again

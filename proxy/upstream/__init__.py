@@ -1,12 +1,12 @@
-"""The upstream fleet: several deployments per model, failover, pacing by rate-limit headers, micro-batching.
+"""The upstream side: several deployments per model, failover, pacing by rate-limit headers, micro-batching.
 
-    client.py    FleetClient: what the service calls (UpstreamClient.embed's signature), attempts and failover
+    client.py    FleetClient: what the service calls, attempts and failover
     router.py    which deployment: weights, priorities, cooldowns, 429 pauses
     pacing.py    the upstream's x-ratelimit-* headers, and how long a call must wait to fit
     batching.py  concurrent misses of one model merged into one upstream call, and split back
     kinds.py     openai and azure: URL, key header, body
-
-The per-attempt POST and the strict answer check stay in proxy/upstream.py.
+    http.py      the connection pool, one POST per attempt, and the strict check of an answer (the only module that
+                 sees aiohttp client errors)
 """
 
 from .client import SERVED_BY, FleetClient

@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ..config import DeploymentSettings, Settings, UpstreamSettings, deployments_of
-from ..upstream import Target
+from .http import Target
 from .kinds import make_target
 from .pacing import Budget
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
 from ..tracing import NO_TRACING, Tracing
-from ..upstream import UpstreamResult
+from .http import UpstreamResult
 
 # How long a miss that arrives while its lane has a call in flight waits for others to join it. Issue 11 allows at
 # most 2 ms: short against any upstream call, long enough for the misses of a burst of requests (handled in the same
