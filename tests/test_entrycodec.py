@@ -1,5 +1,5 @@
-"""The packed cache value (proxy/stores/entrycodec.py): every float32 bit and the count come back, for every size; what is
-not a value of the asked size, including the previous layout, is a miss."""
+"""The packed cache value (proxy/stores/entrycodec.py): every float32 bit and the count come back, for every size;
+what is not a value of the asked size, including the previous layout, is a miss."""
 
 from __future__ import annotations
 
