@@ -83,7 +83,7 @@ async def test_error_replies_inside_a_pipeline_are_counted() -> None:
 
 
 def test_every_store_operation_is_exported_at_zero() -> None:
-    used = {m for path in PROXY.glob("*.py") for m in re.findall(r'\.(?:operator_)?call\(\s*"([a-z-]+)"',
+    used = {m for path in PROXY.rglob("*.py") for m in re.findall(r'\.(?:operator_)?call\(\s*"([a-z-]+)"',
                                                                             path.read_text())}
     used.add("ping")  # Store.ping
     assert used == set(REDIS_OPS)
