@@ -128,6 +128,12 @@ class Store:
             # computation, an overloaded process): the reply may be sitting unread. That is not Redis failing, so
             # only this call gives up; marking Redis down would send everyone upstream and deepen the overload.
             stalled = isinstance(exc, TimeoutError) and loop.time() - deadline > _STALL_FACTOR * limit
+            if self.cluster and not isinstance(exc, TopologyError):
+                # After a connection error redis-py re-reads the cluster's slot map before its next single command,
+                # but not after one in a pipeline when no retries are configured (none are: a retry could run a
+                # command twice), and cache reads and writes are pipelines: a promoted replica would never be
+                # found. Ask for the re-read as its own commands do.
+                self.client._initialize = True
             if mark_down and not stalled:
                 self._mark_down(op, exc)
             else:
