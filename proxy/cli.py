@@ -78,8 +78,10 @@ async def _serve(
         runners.append(metrics_runner)
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        port = runner.addresses[0][1]  # the one the kernel chose for --port 0
         if metrics_runner is not None:
             await web.TCPSite(metrics_runner, host, metrics_port, reuse_port=reuse_port or None).start()
+            metrics_port = metrics_runner.addresses[0][1]
         if on_ready is not None:
             on_ready()
         else:
