@@ -60,7 +60,13 @@ async def _serve(
         upstreams["default"] = dataclasses.replace(upstreams["default"], base_url=f"http://127.0.0.1:{mock_port}/v1")
         settings = dataclasses.replace(settings, upstreams=upstreams)
         print(f"mock upstream (deterministic fake vectors) on http://127.0.0.1:{mock_port}/v1", flush=True)
-    app = create_app(settings, metrics_route=metrics_port is None)
+    try:
+        app = create_app(settings, metrics_route=metrics_port is None)
+    except ConfigError as exc:  # the OTEL_* variables, refused when the tracer starts (`_traces` checked them)
+        for r in runners:
+            await r.cleanup()
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     runners.insert(0, runner)
@@ -72,8 +78,10 @@ async def _serve(
         runners.append(metrics_runner)
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        port = runner.addresses[0][1]  # the one the kernel chose for --port 0
         if metrics_runner is not None:
             await web.TCPSite(metrics_runner, host, metrics_port, reuse_port=reuse_port or None).start()
+            metrics_port = metrics_runner.addresses[0][1]
         if on_ready is not None:
             on_ready()
         else:
@@ -162,10 +170,10 @@ def _report_stores(settings: Settings, warn: Callable[[str], None]) -> bool:
 
 def _traces() -> str | None:
     """Where traces go ("" when tracing is off), or None after printing why the OTEL_* variables are refused."""
-    from .tracing import traces_endpoint
+    from .tracing import check
 
     try:
-        return traces_endpoint(os.environ) or ""
+        return check(os.environ) or ""
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return None

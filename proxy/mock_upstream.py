@@ -94,6 +94,7 @@ class MockState:
         self.last_path: str | None = None  # path and query of the last embeddings request
         self.last_api_key: str | None = None  # its `api-key` header (Azure)
         self.last_traceparent: str | None = None  # its W3C `traceparent` header (tracing tests)
+        self.last_tracestate: str | None = None
         self.rate_limited = 0  # 429s sent for the rpm/tpm limit
         self.window_start = -math.inf
         self.window_requests = 0
@@ -301,6 +302,7 @@ async def _embeddings(request: web.Request, azure_model: str | None = None) -> w
     state.last_authorization = request.headers.get("Authorization")
     state.last_api_key = request.headers.get("api-key")
     state.last_traceparent = request.headers.get("traceparent")
+    state.last_tracestate = request.headers.get("tracestate")
     state.last_path = request.path_qs
     if azure_model is not None:
         if settings.api_key is not None and state.last_api_key != settings.api_key:

@@ -1,22 +1,24 @@
 """Tracing on: the OpenTelemetry SDK, exporting over OTLP/HTTP (imported only when tracing is configured).
 
-The SDK reads its standard variables itself: the exporter's OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS,
-_TIMEOUT, _COMPRESSION and _CERTIFICATE; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES (service.name defaults to
-embedding-proxy here); OTEL_TRACES_SAMPLER and _ARG (default parentbased_always_on); OTEL_BSP_* for the batching.
+proxy/tracingconfig.py has checked every OTEL_* variable the SDK reads before this module is imported. The exporter
+reads its own (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _HEADERS, _TIMEOUT, _COMPRESSION, _CERTIFICATE), the resource
+OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES (service.name defaults to embedding-proxy here); the sampler and the
+OTEL_BSP_* batching values are handed over from the checked config.
 
 Each process has its own TracerProvider, never the global one. Spans leave through a BatchSpanProcessor's thread,
 so a slow or unreachable collector never holds up a request. Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE); the
 SDK drops silently when it is full, so the bound is kept here in front of it, and every span that is not exported
-is counted in embedding_proxy_trace_spans_dropped_total: queue full, export failed, or still queued at shutdown.
-Only W3C `traceparent`/`tracestate` are read from clients and sent upstream (never baggage).
+is counted in embedding_proxy_trace_spans_dropped_total: queue full, export failed, or still queued or inside an
+unfinished export at shutdown. Only W3C `traceparent`/`tracestate` are read from clients and sent upstream (never
+baggage), and a `tracestate` only when it is valid and within W3C's limits.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,17 +37,23 @@ from . import __version__
 from .errors import ProxyError
 from .metrics import Metrics
 from .tracing import NO_SPAN, Span, SpanScope, Tracing
+from .tracingconfig import OtelConfig
 
 if TYPE_CHECKING:
     from .upstream.router import Deployment
 
 log = logging.getLogger("proxy.tracing")
-_DEFAULT_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 # At shutdown, queued spans get this long to leave; then the process goes on stopping (well inside the workers'
 # 30 s stop timeout and the orchestrators' grace periods).
 SHUTDOWN_S = 5.0
 DROP_REASONS = ("queue_full", "export_failed", "shutdown")
 _PROPAGATOR = TraceContextTextMapPropagator()
+# A client's `tracestate` (W3C Trace Context, section 3.3): checked here because the SDK's parser logs an invalid
+# member verbatim, so any client could write its own text into the proxy's log with each request. Over the limits
+# (32 members, the 512 characters every vendor must pass on) it is not passed on either.
+_TS_KEY = r"[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+_TS_MEMBER = re.compile(rf"({_TS_KEY})=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{{0,255}}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+_TS_MAX_MEMBERS, _TS_MAX_CHARS = 32, 512
 # Around a micro-batched upstream call: links to the callers' spans other than its parent's, and how many callers.
 _MERGED: contextvars.ContextVar[tuple[list[Link], int] | None] = contextvars.ContextVar("merged_call", default=None)
 
@@ -122,31 +130,42 @@ class _Queue:
     def __init__(self, size: int, metrics: Metrics) -> None:
         self.size = size
         self.pending = 0  # handed to the batch processor and not yet taken by an export
+        self.exporting = 0  # inside an export that has not returned
+        self.closed = False  # after `abandon`: what is still pending or exporting was counted then
         self._lock = threading.Lock()
         self._dropped = {reason: metrics.child(metrics.trace_spans_dropped, reason) for reason in DROP_REASONS}
 
     def admit(self) -> bool:
         with self._lock:
-            if self.pending >= self.size:
-                admitted = False
-            else:
+            reason = "shutdown" if self.closed else "queue_full" if self.pending >= self.size else None
+            if reason is None:
                 self.pending += 1
-                admitted = True
-        if not admitted:
-            self.drop("queue_full", 1)
-        return admitted
+        if reason is not None:
+            self.drop(reason, 1)
+        return reason is None
 
     def taken(self, count: int) -> None:
         with self._lock:
-            self.pending = max(0, self.pending - count)
+            if not self.closed:
+                self.pending = max(0, self.pending - count)
+                self.exporting += count
+
+    def exported(self, count: int, ok: bool) -> None:
+        with self._lock:
+            if self.closed:
+                return  # counted by `abandon` already
+            self.exporting = max(0, self.exporting - count)
+        if not ok:
+            self.drop("export_failed", count)
 
     def drop(self, reason: str, count: int) -> None:
         self._dropped[reason].inc(count)  # prometheus-client counters are thread-safe
 
     def abandon(self) -> int:
-        """At shutdown: what is still queued is dropped."""
+        """At shutdown: what is still queued, or inside an export that has not returned (its thread dies with the
+        process), is dropped."""
         with self._lock:
-            left, self.pending = self.pending, 0
+            left, self.pending, self.exporting, self.closed = self.pending + self.exporting, 0, 0, True
         if left:
             self.drop("shutdown", left)
         return left
@@ -163,8 +182,7 @@ class _CountingExporter(SpanExporter):
         except Exception:
             log.exception("trace export failed")
             result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._queue.drop("export_failed", len(spans))
+        self._queue.exported(len(spans), result is SpanExportResult.SUCCESS)
         return result
 
     def shutdown(self) -> None:
@@ -201,32 +219,62 @@ def _resource() -> Resource:
     return found.merge(Resource(ours))
 
 
-def _queue_size(env: Mapping[str, str]) -> int:
-    try:
-        size = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE", "") or _DEFAULT_QUEUE)
-    except ValueError:
-        return _DEFAULT_QUEUE
-    return size if size > 0 else _DEFAULT_QUEUE
+def _sampler(config: OtelConfig) -> sampling.Sampler:
+    if config.sampler == "traceidratio":
+        return sampling.TraceIdRatioBased(config.ratio)
+    if config.sampler == "parentbased_traceidratio":
+        return sampling.ParentBasedTraceIdRatio(config.ratio)
+    fixed: dict[str, sampling.Sampler] = {
+        "always_on": sampling.ALWAYS_ON, "always_off": sampling.ALWAYS_OFF,
+        "parentbased_always_on": sampling.DEFAULT_ON, "parentbased_always_off": sampling.DEFAULT_OFF,
+    }
+    return fixed[config.sampler]
+
+
+def _w3c_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """What the propagator reads of a request's headers: `traceparent`, and `tracestate` when it is valid and
+    within the limits (else dropped, quietly: a client's invalid tracestate is not worth a log line)."""
+    carrier: dict[str, str] = {}
+    parent = headers.get("traceparent")
+    if parent is None:
+        return carrier
+    carrier["traceparent"] = parent
+    state = headers.get("tracestate")
+    if state is None or len(state) > _TS_MAX_CHARS:
+        return carrier
+    keys: set[str] = set()
+    for member in state.split(","):
+        member = member.strip(" \t")
+        if not member:
+            continue
+        match = _TS_MEMBER.fullmatch(member)
+        if match is None or match[1] in keys or len(keys) == _TS_MAX_MEMBERS:
+            return carrier
+        keys.add(match[1])
+    carrier["tracestate"] = state
+    return carrier
 
 
 class OtelTracing(Tracing):
     enabled = True
 
-    def __init__(self, env: Mapping[str, str], metrics: Metrics, endpoint: str) -> None:
-        self.queue = _Queue(_queue_size(env), metrics)
-        batch = BatchSpanProcessor(_CountingExporter(OTLPSpanExporter(), self.queue), max_queue_size=self.queue.size)
+    def __init__(self, config: OtelConfig, metrics: Metrics) -> None:
+        self.queue = _Queue(config.queue_size, metrics)
+        batch = BatchSpanProcessor(
+            _CountingExporter(OTLPSpanExporter(), self.queue), max_queue_size=config.queue_size,
+            schedule_delay_millis=config.schedule_delay_ms, max_export_batch_size=config.batch_size,
+            export_timeout_millis=config.export_timeout_ms)
         # shutdown_on_exit=False: the app shuts it down within SHUTDOWN_S; the SDK's exit hook could wait 30 s
-        self.provider = TracerProvider(resource=_resource(), shutdown_on_exit=False)
+        self.provider = TracerProvider(sampler=_sampler(config), resource=_resource(), shutdown_on_exit=False)
         self.provider.add_span_processor(_BoundedProcessor(batch, self.queue))
         self._tracer = self.provider.get_tracer("embedding-proxy", __version__)
-        self.endpoint = endpoint
-        log.info("traces: OTLP/HTTP to %s, sampler %s", endpoint, self.provider.sampler.get_description())
+        self.endpoint = config.endpoint
 
     def span(self, name: str) -> SpanScope:
         return _Scope(self._tracer.start_span(name))
 
     def server_span(self, method: str, route: str | None, path: str, headers: Mapping[str, str]) -> SpanScope:
-        parent = _PROPAGATOR.extract(headers)
+        parent = _PROPAGATOR.extract(_w3c_headers(headers))
         attrs: dict[str, Any] = {"http.request.method": method}
         if route is not None:  # an unmatched path is the client's text: left out
             attrs["http.route"], attrs["url.path"] = route, path
@@ -260,6 +308,9 @@ class OtelTracing(Tracing):
     def merged_call(self, origins: Sequence[object]) -> SpanScope:
         contexts = [o for o in origins if isinstance(o, Context)]
         return _Merged(contexts, len(origins)) if contexts else NO_SPAN
+
+    def close(self) -> None:
+        self.provider.shutdown()
 
     async def shutdown(self) -> None:
         done = threading.Event()

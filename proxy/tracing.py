@@ -9,23 +9,23 @@ worker). The attribute names live here, in one place; spans never carry an input
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
 
+from . import tracingconfig
 from .config import ConfigError
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .upstream.router import Deployment
 
+log = logging.getLogger("proxy.tracing")
 _NS = "embedding_proxy."
 # The gateway's own attributes of a request's server span.
 TEAM, KEY_ID, REQUEST_ID = _NS + "team", _NS + "key_id", _NS + "request_id"
 INPUTS, CACHE, CACHE_HITS = _NS + "inputs", _NS + "cache", _NS + "cache_hits"
 UPSTREAM_INPUTS, CACHED_TOKENS = _NS + "upstream_inputs", _NS + "cached_tokens"
-_TRUE = frozenset({"true", "1", "yes", "on"})
 
 
 class Span(Protocol):
@@ -110,6 +110,9 @@ class Tracing:
     async def shutdown(self) -> None:
         """Export what is queued, within a bound (at the app's cleanup)."""
 
+    def close(self) -> None:
+        """Stop now, before any span was made (`check`'s trial start)."""
+
 
 NO_TRACING = Tracing()
 
@@ -118,50 +121,44 @@ def traces_endpoint(env: Mapping[str, str]) -> str | None:
     """Where spans go (scheme, host, port and path only: no credentials), or None when tracing is off.
 
     On when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set, unless OTEL_SDK_DISABLED is
-    true or OTEL_TRACES_EXPORTER is `none`. Raises ConfigError for what the proxy cannot do: another exporter or
-    protocol than OTLP over HTTP/protobuf, or the `otel` extra not installed."""
-    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() in _TRUE or exporter == "none" or not (traces or base):
-        return None
-    if exporter not in ("", "otlp"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: the proxy exports traces with OTLP only ('otlp')")
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = env.get(name, "").strip()
-        if protocol:
-            if protocol != "http/protobuf":
-                raise ConfigError(f"{name}={protocol!r}: the proxy exports traces over OTLP/HTTP only "
-                                  "('http/protobuf'; a collector's OTLP/HTTP port is usually 4318)")
-            break
-    url = traces or base.rstrip("/") + "/v1/traces"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"the OTLP traces endpoint {_safe(url)!r} is not an http(s) URL")
-    if importlib.util.find_spec("opentelemetry.sdk") is None or importlib.util.find_spec(
-            "opentelemetry.exporter.otlp.proto.http") is None:
-        raise ConfigError("an OTLP endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT) but the OpenTelemetry packages "
-                          "are not installed: pip install 'embedding-proxy[otel]'")
-    return _safe(url)
-
-
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    true or OTEL_TRACES_EXPORTER is `none`. Raises ConfigError naming the variable for what the proxy cannot do
+    (another exporter or protocol than OTLP over HTTP/protobuf, the `otel` extra not installed) and for every
+    OTEL_* value the SDK would refuse or replace (proxy/tracingconfig.py)."""
+    config = tracingconfig.read(env)
+    return None if config is None else config.endpoint
 
 
 def start(env: Mapping[str, str], metrics: Metrics) -> Tracing:
     """NO_TRACING, or this process's tracer provider when an endpoint is configured (see `traces_endpoint`)."""
-    endpoint = traces_endpoint(env)
-    if endpoint is None:
+    config = tracingconfig.read(env)
+    if config is None:
         return NO_TRACING
-    from .otel import OtelTracing  # the SDK is imported only here
+    tracing = _otel(config, metrics)
+    ratio = f" {config.ratio:g}" if config.sampler in tracingconfig.RATIO_SAMPLERS else ""
+    log.info("traces: OTLP/HTTP to %s, sampler %s%s", config.endpoint, config.sampler, ratio)
+    return tracing
 
-    return OtelTracing(env, metrics, endpoint)
+
+def check(env: Mapping[str, str]) -> str | None:
+    """`traces_endpoint`, and with tracing on the SDK's objects built and shut down again, exporting nothing: what
+    would stop a worker's start stops `check-config` and `serve` first."""
+    config = tracingconfig.read(env)
+    if config is None:
+        return None
+    from .metrics import Metrics
+
+    _otel(config, Metrics()).close()
+    return config.endpoint
+
+
+def _otel(config: tracingconfig.OtelConfig, metrics: Metrics) -> Tracing:
+    try:
+        from .otel import OtelTracing  # the SDK is imported only here
+
+        return OtelTracing(config, metrics)
+    except Exception as exc:  # what tracingconfig did not foresee: one config error, not a worker's traceback
+        raise ConfigError(f"OpenTelemetry could not start with these OTEL_* variables: {type(exc).__name__}: "
+                          f"{exc}") from None
 
 
 def server_attributes(

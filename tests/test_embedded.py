@@ -66,6 +66,31 @@ async def test_serve_demo_prints_a_working_key_offline() -> None:
         assert await asyncio.wait_for(proc.wait(), 10) == 0  # a clean shutdown on SIGTERM
 
 
+async def test_serve_on_port_0_prints_the_port_it_listens_on() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROXY_CONFIG")}
+    env["UPSTREAM_BASE_URL"] = "http://127.0.0.1:9/v1"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "0", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while " listening on " not in line:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "serve exited before it was listening"
+        port = int(line.split(" listening on http://127.0.0.1:", 1)[1].split()[0].rstrip(";"))
+        assert port != 0
+        while not line.startswith("try: curl"):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, "serve exited before printing its example"
+        assert f" http://127.0.0.1:{port}/v1/embeddings " in line
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+
 
 async def test_embedded_store_serves_many_concurrent_requests(make_proxy: Any, upstream: Upstream) -> None:
     """fakeredis refuses more than 100 connections at once by default; the embedded store must not."""

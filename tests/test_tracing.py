@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import os
 import subprocess
 import sys
@@ -398,3 +399,87 @@ def test_traces_endpoint(env: dict[str, str], expected: str | None) -> None:
 def test_traces_endpoint_refuses_what_it_cannot_do(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
         traces_endpoint(env)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:0"}, "OTEL_EXPORTER_OTLP_ENDPOINT: port 0 cannot be sent to"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://u:pw@a:70000/v1/traces"},
+     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: not a valid URL"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "api-key=abc%0D%0Ainjected: 1", "OTEL_EXPORTER_OTLP_HEADERS": "a=b"},
+     "OTEL_EXPORTER_OTLP_TRACES_HEADERS: member 1 is not name=value"),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "a=b, =c"}, "OTEL_EXPORTER_OTLP_HEADERS: member 2 is not name=value"),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "10s"}, "OTEL_EXPORTER_OTLP_TIMEOUT='10s': a number of seconds above 0"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT='0': a number of seconds"),
+    ({"OTEL_EXPORTER_OTLP_COMPRESSION": "brotli"}, "OTEL_EXPORTER_OTLP_COMPRESSION='brotli': one of none, gzip"),
+    ({"OTEL_SPAN_LINK_COUNT_LIMIT": ""}, "OTEL_SPAN_LINK_COUNT_LIMIT='': a whole number of 0 or more or 'unset'"),
+    ({"OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "-1"}, "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT='-1': a whole number"),
+    ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, "OTEL_BSP_MAX_QUEUE_SIZE='0': a whole number of at least 1"),
+    ({"OTEL_BSP_SCHEDULE_DELAY": "5s"}, "OTEL_BSP_SCHEDULE_DELAY='5s': a whole number of at least 1"),
+    ({"OTEL_TRACES_SAMPLER": "probability"}, "OTEL_TRACES_SAMPLER='probability': one of always_on, always_off"),
+    ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "nan"},
+     "OTEL_TRACES_SAMPLER_ARG='nan': the parentbased_traceidratio sampler's ratio is a number from 0 to 1"),
+])
+def test_traces_endpoint_refuses_what_the_sdk_would_refuse_or_replace(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        traces_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318", **env})
+    assert str(refused.value).startswith(message)
+    assert "pw" not in str(refused.value) and "abc" not in str(refused.value)  # no credential, no header value
+
+
+def test_the_checked_config_is_what_the_sdk_is_given() -> None:
+    from opentelemetry.sdk.trace import sampling
+
+    from proxy.tracingconfig import SAMPLERS, read
+
+    assert set(SAMPLERS) == set(sampling._KNOWN_SAMPLERS)  # the SDK's names, no more and no fewer
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318"}
+    config = read({**base, "OTEL_BSP_MAX_QUEUE_SIZE": "100"})
+    assert config is not None and (config.queue_size, config.batch_size) == (100, 100)  # capped, not refused
+    config = read({**base, "OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.05",
+                   "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "Unset", "OTEL_EXPORTER_OTLP_HEADERS": "a=b%3Bc, x-k = v w"})
+    assert config is not None and (config.sampler, config.ratio) == ("traceidratio", 0.05)
+    config = read({**base, "OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "5"})  # no argument taken
+    assert config is not None and (config.sampler, config.ratio) == ("always_on", 1.0)
+
+
+def test_an_sdk_failure_at_start_is_one_config_error_in_check_config_and_serve(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What tracingconfig did not foresee: check-config and serve build the SDK's objects once and report it."""
+    for name in ("PROXY_CONFIG", "REDIS_URL", "CACHE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    otel_env(monkeypatch, "http://127.0.0.1:4318")
+    monkeypatch.setenv("UPSTREAM_BASE_URL", "http://127.0.0.1:9/v1")
+
+    def refuse(*args: object) -> None:
+        raise ValueError("a setting the SDK refuses")
+
+    monkeypatch.setattr(OtelTracing, "__init__", refuse)
+    assert main(["check-config"]) == 2
+    assert main(["serve", "--port", "0"]) == 2
+    assert capsys.readouterr().err.count("config error: OpenTelemetry could not start with these OTEL_* variables: "
+                                         "ValueError: a setting the SDK refuses\n") == 2
+
+
+@pytest.mark.parametrize(("tracestate", "forwarded"), [
+    ("vendor=abc,other@tenant=x y", True),
+    (",".join(f"k{i}=v" for i in range(33)), False),  # over 32 members
+    ("k=" + "v" * 255 + ",l=" + "v" * 255, False),  # over 512 characters
+    ("k=v,K=v", False),  # an upper-case key
+    ("k=v,k=w", False),  # a key twice
+])
+async def test_a_clients_tracestate_goes_upstream_only_when_valid_and_within_the_limits(
+    make_proxy: ProxyFactory, upstream: Upstream, redis_url: str, receiver: tuple[Receiver, str],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tracestate: str, forwarded: bool,
+) -> None:
+    _, endpoint = receiver
+    otel_env(monkeypatch, endpoint)
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url))
+    key = await proxy.new_key()
+    caplog.set_level(logging.DEBUG, logger="opentelemetry")
+    resp = await proxy.embed(key, {"model": MODEL, "input": "x"}, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01",
+                             tracestate=tracestate)
+    assert resp.status == 200
+    assert upstream.state.last_traceparent is not None and upstream.state.last_traceparent.split("-")[1] == TRACE_ID
+    assert upstream.state.last_tracestate == (tracestate if forwarded else None)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
