@@ -34,7 +34,6 @@ from .stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from .tokens import Tokenizer
 from .tracing import NO_TRACING, Tracing
 from .upstream import FleetClient
-from .upstream.http import UpstreamClient
 from .usage import UsageLedger
 
 log = logging.getLogger("proxy.service")
@@ -114,7 +113,7 @@ class EmbeddingService:
         self,
         settings: Settings,
         cache: EmbeddingCache,
-        upstream: FleetClient | UpstreamClient,
+        upstream: FleetClient,
         metrics: Metrics,
         tokenizers: Mapping[str, Tokenizer],
         ledger: UsageLedger,

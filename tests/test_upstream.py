@@ -1,7 +1,9 @@
-"""The upstream client alone, against a scripted local server: backoff, jitter, Retry-After and the deadline.
+"""A model's only deployment, against a scripted local server: backoff, jitter, Retry-After and the deadline.
 
-The client's randomness, sleep and clock are injected: the test records every wait and every jitter bound, and the
-clock advances only by what the client slept, so nothing here depends on real time.
+The fleet client (unbatched) with one deployment, which is never cooled down: its failures are retried with
+backoff up to `max_retries`, and a 429 pauses it until the reset it named. Randomness, sleep and clock are injected:
+the test records every wait and every jitter bound, and the clock advances only by what the client slept, so
+nothing here depends on real time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy import config
 from proxy.errors import InvalidRequest, ProxyError, RateLimited, ServiceUnavailable, UpstreamBadGateway
-from proxy.upstream.http import UpstreamClient
+from proxy.upstream import FleetClient
 
 KEY = "sk-upstream-unit-SECRET-0123456789"
 MODEL = "tiny"
@@ -79,14 +81,14 @@ class Scripted:
         return web.Response(status=status, headers=headers, body=body, content_type="application/json")
 
 
-ClientFactory = Callable[..., Awaitable[tuple[UpstreamClient, Scripted, FakeTime, RecordingRandom]]]
+ClientFactory = Callable[..., Awaitable[tuple[FleetClient, Scripted, FakeTime, RecordingRandom]]]
 
 
 @pytest.fixture
 async def scripted_client() -> Any:
-    opened: list[tuple[UpstreamClient, TestServer]] = []
+    opened: list[tuple[FleetClient, TestServer]] = []
 
-    async def make(replies: list[Reply], **upstream: Any) -> tuple[UpstreamClient, Scripted, FakeTime, RecordingRandom]:
+    async def make(replies: list[Reply], **upstream: Any) -> tuple[FleetClient, Scripted, FakeTime, RecordingRandom]:
         script = Scripted(list(replies))
         app = web.Application()
         app.router.add_post("/v1/embeddings", script.handle)
@@ -98,7 +100,7 @@ async def scripted_client() -> Any:
             "unit.toml", {"UPSTREAM_BASE_URL": str(server.make_url("/v1")), "UPSTREAM_API_KEY": KEY},
         )
         fake, rng = FakeTime(), RecordingRandom(7)
-        client = UpstreamClient(settings, rng=rng, sleep=fake.sleep, clock=fake.clock)
+        client = FleetClient(settings, rng=rng, sleep=fake.sleep, clock=fake.clock, batching=False)
         await client.start()
         opened.append((client, server))
         return client, script, fake, rng
@@ -109,7 +111,7 @@ async def scripted_client() -> Any:
         await server.close()
 
 
-async def embed(client: UpstreamClient) -> Any:
+async def embed(client: FleetClient) -> Any:
     return await client.embed(MODEL, ["x"], [3], None, None)
 
 
@@ -151,6 +153,7 @@ async def test_retry_after_and_retry_after_ms_are_honoured(scripted_client: Any)
     )
     await embed(client)
     assert script.hits == 6
+    # A 429's wait is the deployment's pause until the reset it named, a 503's the backoff: the same sleeps.
     assert fake.sleeps[:4] == [3.0, 1.5, 0.25, 7.0]
     assert rng.bounds == [(0, pytest.approx(1.6))]  # only the fifth wait was drawn: 0.1 * 2**4
     assert 0 <= fake.sleeps[4] <= 1.6
@@ -167,18 +170,22 @@ async def test_retry_after_and_retry_after_ms_are_honoured(scripted_client: Any)
 async def test_retry_after_beyond_the_deadline_stops_at_once(
     scripted_client: Any, reply: Reply, error: type[ProxyError], status: int
 ) -> None:
-    client, script, fake, rng = await scripted_client([reply], deadline_s=10.0, max_retries=3)
+    # max_queue_wait_s beyond the deadline: the deadline alone stops the wait for a 429's reset.
+    client, script, fake, rng = await scripted_client([reply], deadline_s=10.0, max_retries=3,
+                                                      max_queue_wait_s=1000.0)
     with pytest.raises(error) as exc:
         await embed(client)
     assert exc.value.status == status
     assert script.hits == 1 and fake.sleeps == [] and rng.bounds == []
     if status == 429:
         assert exc.value.retry_after == 30.0  # the client is told when the upstream expects it back
+        assert client.router.models[MODEL][0].paused_until == 1030.0  # and the deployment waits as long
 
 
 async def test_deadline_counts_the_time_already_spent(scripted_client: Any) -> None:
     client, script, fake, _ = await scripted_client(
-        [failure(429, **{"Retry-After": "6"}), failure(429, **{"Retry-After": "5"})], deadline_s=10.0, max_retries=5
+        [failure(429, **{"Retry-After": "6"}), failure(429, **{"Retry-After": "5"})], deadline_s=10.0, max_retries=5,
+        max_queue_wait_s=1000.0,  # only the deadline bounds the waits for a 429's reset here
     )
     with pytest.raises(RateLimited) as exc:
         await embed(client)

@@ -1,4 +1,4 @@
-"""The fleet client: what the service calls for a model's misses, with the UpstreamClient's signature.
+"""The fleet client: what the service calls for a model's misses.
 
 One call: micro-batched with concurrent ones (batching.py), then attempts inside the deadline of the model's
 deployments. Each attempt goes to the deployment the router picks (router.py); a failed attempt goes next to a
@@ -211,8 +211,7 @@ class FleetClient:
             async with self._permits[d.upstream]:
                 target = d.target if not self._tracing.enabled else (
                     d.target[0], self._tracing.upstream_headers(d.target[1]), d.target[2])
-                raw = await self._http._attempt(d.upstream, payload, limit_s, answer_limit(len(counts), dims),
-                                                target, on_headers)
+                raw = await self._http.post(target, payload, limit_s, answer_limit(len(counts), dims), on_headers)
             vectors, usage = parse_answer(raw, len(counts), dims)
             answer = UpstreamResult(vectors, usage_tokens(usage, counts))
         except RetryableError as exc:

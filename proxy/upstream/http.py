@@ -1,17 +1,14 @@
-"""The upstream client: one embeddings call with retries inside a deadline, and a strict check of the answer.
+"""The upstream connection pool: one POST per attempt, and a strict check of the answer.
 
-This is the only module that sees aiohttp client errors; they leave it as the proxy's own errors. The upstream's
-key is sent in the Authorization header and never appears in an error message or a log line.
+Where, when and how often to call is the fleet's (client.py). This is the only module that sees aiohttp client
+errors; they leave it as the proxy's own errors. The upstream's key is sent in a request header and never appears
+in an error message or a log line.
 """
 
 from __future__ import annotations
 
 import array
-import asyncio
-import logging
-import random
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +28,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 
-log = logging.getLogger("proxy.upstream")
 _RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
-_MAX_BACKOFF_S = 5.0
 MAX_RETRY_AFTER_S = 3600.0  # an upstream's Retry-After beyond this is cut to it (see parse_retry_after)
 # Plausible usage: no tokenizer counts more than 4x cl100k_base, plus a few special tokens per input.
 _USAGE_FACTOR = 4
@@ -121,30 +116,11 @@ class _Retryable(Exception):
 
 
 class UpstreamClient:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        rng: random.Random | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        on_retry: Callable[[str, str], None] | None = None,
-    ) -> None:
+    """The keep-alive connection pool and one POST per attempt; retries, failover and deadlines are the fleet's."""
+
+    def __init__(self, settings: Settings) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._settings = settings
-        self._rng = rng or random.Random()
-        self._sleep = sleep
-        self._clock = clock
-        self._on_retry = on_retry
-        self._permits = {name: asyncio.Semaphore(u.max_concurrency) for name, u in settings.upstreams.items()}
-        # Built once: a parsed URL saves aiohttp ~100 us of CPU per call against parsing a string every time.
-        self._targets: dict[str, Target] = {}
-        for name, u in settings.upstreams.items():
-            api_key = settings.upstream_api_keys.get(name, "")
-            headers = {"Content-Type": "application/json"}
-            if api_key:
-                headers["Authorization"] = f"Bearer {api_key}"
-            self._targets[name] = (yarl.URL(u.base_url.rstrip("/") + "/embeddings"), headers, api_key)
 
     async def start(self) -> None:
         """One keep-alive connection pool per process, opened with the app."""
@@ -159,62 +135,15 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def embed(
-        self,
-        model: str,
-        inputs: list[str] | list[list[int]],
-        local_counts: Sequence[int],
-        dimensions: int | None,
-        user: str | None,
-        *,
-        team: str | None = None,  # the fleet's micro-batching keys on it; one call per request here
-    ) -> UpstreamResult:
-        spec = self._settings.models[model]
-        up = self._settings.upstream_for(model)
-        body: dict[str, Any] = {"model": self._settings.upstream_model(model), "input": inputs}
-        if spec.upstream_base64:
-            body["encoding_format"] = "base64"
-        if dimensions is not None:
-            body["dimensions"] = dimensions
-        if user is not None:
-            body["user"] = user
-        payload = orjson.dumps(body)
-        dims = dimensions or spec.dimensions
-        deadline = self._clock() + up.deadline_s
-        attempt = 0
-        async with self._permits[spec.upstream]:
-            while True:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise UpstreamTimeout("The upstream did not answer within the proxy's deadline.")
-                try:
-                    raw = await self._attempt(spec.upstream, payload, min(up.attempt_timeout_s, remaining),
-                                              answer_limit(len(inputs), dims))
-                    vectors, usage = parse_answer(raw, len(inputs), dims)
-                    return UpstreamResult(vectors, usage_tokens(usage, local_counts))
-                except _Retryable as exc:
-                    if attempt >= up.max_retries:
-                        raise exc.error from None
-                    wait = exc.retry_after
-                    if wait is None:  # full jitter: uniform in [0, base * 2**attempt], capped
-                        wait = self._rng.uniform(0, min(_MAX_BACKOFF_S, up.backoff_base_s * 2**attempt))
-                    if wait >= deadline - self._clock():  # no use waiting past the deadline: fail now
-                        raise exc.error from None
-                    attempt += 1
-                    if self._on_retry is not None:
-                        self._on_retry(model, exc.error.code or "error")
-                    log.info("upstream attempt %d failed (%s); retrying in %.3fs", attempt, exc.error.code, wait)
-                    await self._sleep(wait)
-
-    async def _attempt(
-        self, name: str, payload: bytes, limit_s: float, limit_bytes: int, target: Target | None = None,
+    async def post(
+        self, target: Target, payload: bytes, limit_s: float, limit_bytes: int,
         on_headers: Callable[[int, Mapping[str, str]], None] | None = None,
     ) -> bytes:
-        """One POST to upstream `name` (or to `target`: a fleet deployment), reading at most `limit_bytes` of a 200;
-        `on_headers` sees every answer's status and headers (rate-limit pacing)."""
+        """One POST to `target` (a deployment), reading at most `limit_bytes` of a 200; `on_headers` sees every
+        answer's status and headers (rate-limit pacing). A failure worth another try raises _Retryable."""
         if self._session is None:
             raise ServiceUnavailable("The upstream client is not running.")
-        url, headers, api_key = target or self._targets[name]
+        url, headers, api_key = target
         try:
             async with self._session.post(
                 url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=limit_s)
@@ -363,4 +292,4 @@ def _bad(message: str) -> _Retryable:
     return _Retryable(UpstreamBadGateway(message))
 
 
-RetryableError = _Retryable  # for client.py (the fleet), which runs its own attempts through `_attempt`
+RetryableError = _Retryable  # for client.py (the fleet): what `post` and the answer checks raise when a retry may help
