@@ -371,11 +371,33 @@ def test_upstreams_screen_shows_the_deployments(console: Console) -> None:
     page = console.page()
     sign_in(page)
     page.get_by_role("navigation").get_by_role("button", name="Upstreams").click()
+    pid = http("GET", console.url + "/admin/upstreams", None, {"Authorization": f"Bearer {ADMIN}"})[1]["pid"]
+    expect(page.get_by_text(re.compile(r"^Answered by process \d+ "))).to_have_text(
+        f"Answered by process {pid} (each worker keeps its own deployment state)")  # one worker: the same pid
     row = page.get_by_role("row").filter(has=page.get_by_role("rowheader", name=MODEL, exact=True))
-    expect(row).to_contain_text("healthy")
+    expect(row.locator(".badge.healthy")).to_have_text("healthy")
+    expect(row.get_by_role("cell")).to_have_text(["default", "openai", "1", "0", "healthy", "—", "0", "—",
+                                                  re.compile(r"^[\d,]+$|^—$"), re.compile(r"^[\d,]+$|^—$")])
     page.reload()  # the key is kept for this tab: still signed in
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("Admin key")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0
+    page.context.close()
+
+
+def test_upstreams_screen_without_the_endpoint_says_so(console: Console) -> None:
+    """A proxy from before the upstream fleet answers 404: a note, not an error."""
+    expect = _expect()
+    page = console.page()
+    page.route("**/admin/upstreams", lambda route: route.fulfill(
+        status=404, content_type="application/json",
+        body='{"error": {"message": "Unknown URL.", "type": "invalid_request_error", "param": null, '
+             '"code": "unknown_url"}}'))
+    sign_in(page)
+    page.get_by_role("navigation").get_by_role("button", name="Upstreams").click()
+    expect(page.get_by_text("this proxy has no GET /admin/upstreams yet")).to_be_visible()
+    expect(page.get_by_role("table")).to_have_count(0)
+    expect(page.get_by_role("status")).to_have_text("")
+    console.errors[:] = [e for e in console.errors if "status of 404" not in e]  # the missing endpoint itself
     page.context.close()

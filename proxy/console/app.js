@@ -775,61 +775,59 @@
     });
   }
 
-  // Upstreams: whatever the admin API reports; a proxy without the endpoint says so.
+  // Upstreams: each deployment's state in the worker that answered; a proxy without the endpoint says so.
 
-  async function optionalPanel(root, title, path, note, missing) {
-    root.append(heading(title, note,
+  const STATES = {healthy: "healthy", cooling_down: "cooling down", paused: "paused"};
+  function clock(ts) {
+    if (ts === null || ts === undefined) return "—";
+    const d = new Date(ts * 1000);
+    const time = d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false});
+    return d.toDateString() === new Date().toDateString() ? time : `${d.toLocaleDateString()} ${time}`;
+  }
+  const resets = (ts) => (ts === null || ts === undefined ? null : `Resets at ${clock(ts)}`);
+
+  async function upstreamsView(root) {
+    root.append(heading("Upstreams", "The upstream deployments and their health.",
       h("button", {type: "button", onclick: refresh}, "Refresh")));
     let body;
     try {
-      body = await api(path);
+      body = await api("upstreams");
     } catch (err) {
       if (err.status === 404) {
-        root.append(h("p", {class: "card notice"}, missing));
+        root.append(h("p", {class: "card notice"},
+          "Upstream health comes with the upstream fleet: this proxy has no GET /admin/upstreams yet."));
         return;
       }
       throw err;
     }
-    root.append(h("div", {class: "card"}, render(body)));
-  }
-
-  function upstreamsView(root) {
-    return optionalPanel(root, "Upstreams", "upstreams", "The upstream deployments and their health.",
-      "Upstream health comes with the upstream fleet: this proxy has no GET /admin/upstreams yet.");
-  }
-
-  // Any JSON: objects as name/value lists, lists of objects as tables, numbers formatted by their names.
-  function render(value, name) {
-    if (Array.isArray(value)) {
-      if (value.length && value.every((v) => v && typeof v === "object" && !Array.isArray(v))) {
-        const cols = [...new Set(value.flatMap((v) => Object.keys(v)))];
-        return table(cols.map((c) => ({label: label(c), num: value.some((v) => typeof v[c] === "number"),
-                                       cell: (r) => render(r[c], c)})), value, "None.");
-      }
-      return value.length ? value.map((v) => scalar(v, name)).join(", ") : "—";
-    }
-    if (value && typeof value === "object") {
-      const entries = Object.entries(value).filter(([k]) => k !== "object");
-      return h("dl", {class: "facts"}, entries.map(([k, v]) => [h("dt", {}, label(k)), h("dd", {}, render(v, k))]));
-    }
-    return scalar(value, name);
-  }
-
-  function label(key) {
-    const t = key.replace(/_/g, " ");
-    return t[0].toUpperCase() + t.slice(1);
-  }
-
-  function scalar(v, name) {
-    if (v === null || v === undefined) return "—";
-    if (typeof v === "boolean") return v ? "yes" : "no";
-    if (typeof v !== "number") return String(v);
-    const n = name || "";
-    if (/bytes$/.test(n)) return bytes(v);
-    if (/(ratio|share)$/.test(n)) return (v * 100).toFixed(1) + "%";
-    if (/usd$/.test(n)) return usd(v);
-    if (/(_at|timestamp)$/.test(n)) return when(v);
-    return Number.isInteger(v) ? int(v) : String(Math.round(v * 1000) / 1000);
+    // out of rotation until the later of the two (a cooldown and a 429's pause can overlap)
+    const until = (d) => {
+      const ends = [d.cooling_down_until, d.paused_until].filter((t) => t !== null && t !== undefined);
+      return ends.length ? Math.max(...ends) : null;
+    };
+    root.append(
+      h("p", {class: "muted"},
+        `Answered by process ${body.pid} (each worker keeps its own deployment state)`),
+      table([
+        {label: "Model", cell: (d) => d.model},
+        {label: "Upstream", title: "The deployment, and the model it is asked for when that differs",
+         cell: (d) => [d.upstream, d.upstream_model && d.upstream_model !== d.model
+           ? h("span", {class: "sub"}, d.upstream_model) : null]},
+        {label: "Kind", cell: (d) => d.kind},
+        {label: "Weight", num: true, cell: (d) => int(d.weight)},
+        {label: "Priority", num: true, cell: (d) => int(d.priority)},
+        {label: "State", cell: (d) => h("span", {class: `badge ${d.state.replace(/_/g, "-")}`},
+                                        STATES[d.state] || d.state)},
+        {label: "Until", title: "Cooling down or paused until (local time)", cell: (d) => clock(until(d))},
+        {label: "Consecutive failures", num: true, cell: (d) =>
+          h("span", {title: `${int(d.cooldowns)} cooldowns since the process started`}, int(d.consecutive_failures))},
+        {label: "Last error", wrap: true, cell: (d) => (d.last_error
+          ? h("span", {title: `At ${clock(d.last_error_at)}`}, d.last_error) : "—")},
+        {label: "Remaining requests", num: true, title: "By the upstream's rate-limit headers",
+         cell: (d) => h("span", {title: resets(d.requests_reset_at)}, int(d.remaining_requests))},
+        {label: "Remaining tokens", num: true, title: "By the upstream's rate-limit headers",
+         cell: (d) => h("span", {title: resets(d.tokens_reset_at)}, int(d.remaining_tokens))},
+      ], body.data, "No upstream deployments are configured."));
   }
 
   // --- start -------------------------------------------------------------------------------------------------
