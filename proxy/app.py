@@ -46,7 +46,7 @@ from .metrics import Metrics
 from .quota import Quotas
 from .request import EmbeddingRequest, parse_request
 from .response import render
-from .routing import UNMATCHED, add_unknown_route, expect_continue
+from .routing import add_unknown_route, expect_continue, route_template
 from .service import EmbeddingService, Trace
 from .stores.cache import EmbeddingCache
 from .stores.cachestats import StoreRef, process_stats
@@ -188,10 +188,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         m.observe_request(team, key_id, model, resp.status, cache or "none", elapsed)
     access = request.app[ACCESS_LOG]
     if access.enabled:
-        route = request.match_info.route.resource
         access.add(access_line(AccessRecord(
             request_id=request.get(REQUEST_ID, ""), method=request.method,
-            path=route.canonical if route is not None and route.name != UNMATCHED else "<unmatched>",
+            path=route_template(request) or "<unmatched>",
             status=resp.status,
             duration_ms=elapsed * 1e3, team=team, key_id=key_id, model=model, cache=cache,
             error_code=error_code(resp.status, getattr(resp, "body", None)), upstreams=request.get(SERVED),
@@ -204,9 +203,8 @@ async def trace_middleware(request: web.Request, handler: Handler) -> web.Stream
     """One server span per request (probes and scrapes aside), continuing the client's `traceparent`."""
     if request.path in _UNLOGGED:
         return await handler(request)
-    route = request.match_info.route.resource
-    name = route.canonical if route is not None and route.name != UNMATCHED else None
-    with request.app[TRACING].server_span(request.method, name, request.path, request.headers) as span:
+    with request.app[TRACING].server_span(request.method, route_template(request), request.path,
+                                          request.headers) as span:
         resp = await handler(request)
         if span.is_recording():
             _describe(request, resp, span)

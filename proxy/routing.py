@@ -35,6 +35,12 @@ async def unknown_route(request: web.Request) -> web.StreamResponse:
     raise NotFound("Unknown route.", code="unknown_url")
 
 
+def route_template(request: web.Request) -> str | None:
+    """The matched route's template (`/v1/models/{model}`), or None for the catch-all: never the client's path."""
+    route = request.match_info.route.resource
+    return route.canonical if route is not None and route.name != UNMATCHED else None
+
+
 def add_unknown_route(app: web.Application) -> None:
     """Last: the catch-all is tried after every other route."""
     app.router.add_route("*", "/{path:.*}", unknown_route, name=UNMATCHED, expect_handler=expect_continue)

@@ -97,13 +97,17 @@ def _redis_binary() -> str:
     return _redis_binaries()[0]
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def _running_redis() -> Iterator[RedisServer]:
     server = RedisServer(_redis_binary())
     server.start()
     yield server
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _running_redis()
 
 
 @pytest.fixture
@@ -115,22 +119,22 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server for one test alone (tests that stop and restart it)."""
-    server = RedisServer(_redis_binary())
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
+    yield from _running_redis()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[Cluster]:
-    """Three masters with a replica each (tests/redis_servers.py), shared by the tests that only read and write."""
+def _running_cluster() -> Iterator[Cluster]:
     cluster = Cluster(*_redis_binaries())
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """Three masters with a replica each (tests/redis_servers.py), shared by the tests that only read and write."""
+    yield from _running_cluster()
 
 
 @pytest.fixture
@@ -142,12 +146,7 @@ def cluster(redis_cluster: Cluster) -> Cluster:
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
     """A cluster for one test alone (a failover test kills one of its masters)."""
-    cluster = Cluster(*_redis_binaries())
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
+    yield from _running_cluster()
 
 
 @pytest.fixture

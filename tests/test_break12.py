@@ -14,31 +14,17 @@ import pytest
 
 from proxy.admin import CACHE
 from proxy.stores.guard import StoreUnavailable
-from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
+from tests.conftest import RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder
 from tests.redis_servers import SENTINEL_MASTER, SentinelSet
 from tests.stack import start_mock, start_proxy, wait_http
+from tests.test_cache_purge import ADMIN, AS_ADMIN, LARGE, SMALL, purge, x_cache
 from tests.test_console import ADMIN as CONSOLE_ADMIN
 from tests.test_console import CONFIG as CONSOLE_CONFIG
 from tests.test_console import _chromium, _expect, _playwright, sign_in
 
 pytestmark = pytest.mark.redis
-SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
-ADMIN = "break12-admin-key-0123456789"
-AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 NO_REREAD = "[cache]\ngenerations_refresh_s = 600\n[redis]\nretry_interval_s = 0.2\n"
-
-
-async def x_cache(proxy: Proxy, key: str, model: str, text: str) -> str:
-    resp = await proxy.embed(key, {"model": model, "input": [text]})
-    assert resp.status == 200, await resp.text()
-    cache: str = resp.headers["x-cache"]
-    return cache
-
-
-async def purge(proxy: Proxy, body: dict[str, Any]) -> tuple[int, Any]:
-    resp = await proxy.client.post("/admin/cache/purge", json=body, headers=AS_ADMIN)
-    return resp.status, await resp.json()
 
 
 async def again(call: Any) -> Any:

@@ -15,15 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy import otel
 from proxy.app import KEYSTORE, create_app
 from proxy.cli import main
 from tests.conftest import ProxyFactory, Upstream, make_settings
 from tests.helpers import raw_http, served, until
-from tests.test_tracing import Receiver, dropped, otel_env
+from tests.test_tracing import Receiver, dropped, otel_env, serving_receiver
 
 MODEL = "text-embedding-3-small"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -34,14 +32,8 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture
 async def collector() -> AsyncIterator[tuple[Receiver, str]]:
     """tests/test_tracing.py's OTLP/HTTP receiver on a free port."""
-    r = Receiver()
-    app = web.Application()
-    app.router.add_post("/v1/traces", r.traces)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield r, f"http://127.0.0.1:{server.port}"
-    r.hold.set()
-    await server.close()
+    async with serving_receiver() as served:
+        yield served
 
 # What a worker does at start-up with the OTEL_* variables (create_app calls tracing.start): prints "started", or
 # "config error: ..." for a ConfigError; anything else is a traceback and exit code 1.

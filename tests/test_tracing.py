@@ -4,6 +4,7 @@ with opentelemetry-proto), with a real redis-server and the mock upstream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import os
@@ -83,8 +84,9 @@ def attrs(span: Span) -> dict[str, Any]:
     return {a.key: value(a.value) for a in span.attributes}
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+@contextlib.asynccontextmanager
+async def serving_receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    """A Receiver on a free port and its base URL."""
     r = Receiver()
     app = web.Application()
     app.router.add_post("/v1/traces", r.traces)
@@ -93,6 +95,12 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     yield r, f"http://127.0.0.1:{server.port}"
     r.hold.set()
     await server.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    async with serving_receiver() as served:
+        yield served
 
 
 def otel_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, **extra: str) -> None:
