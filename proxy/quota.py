@@ -181,10 +181,8 @@ class Ticket:
         delta = tokens - self.tokens
         if delta:
             await self._correct_tokens(delta)
-            self.values = [v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
-                                                                                  strict=True)]
-            self.headers = rate_headers(self.counters, self.values, self.now)
-            self._quotas.observe(self.key, self.counters, self.values)
+            self._show([v + delta if c.metric == "tok" else v for c, v in zip(self.counters, self.values,
+                                                                              strict=True)])
 
     async def refund(self) -> None:
         """The request failed and none of its tokens were billed: give them all back (it keeps its request slot:
@@ -215,9 +213,13 @@ class Ticket:
                       for k, v in zip(self.counters, reply[3:], strict=True)]
             self._quotas.reject(self.key, c, int(reply[2]), requests if c.metric == "req" else tokens, self.now,
                                 self.counters, values)
-        self.values = [int(v) for v in reply[1:]]
-        self.headers = rate_headers(self.counters, self.values, self.now)
-        self._quotas.observe(self.key, self.counters, self.values)
+        self._show([int(v) for v in reply[1:]])
+
+    def _show(self, values: list[int]) -> None:
+        """Each counter's value after this request: the answer's x-ratelimit-* headers and the quota gauges."""
+        self.values = values
+        self.headers = rate_headers(self.counters, values, self.now)
+        self._quotas.observe(self.key, self.counters, values)
 
 
 def rate_headers(counters: list[Counter], values: list[int], now: float) -> dict[str, str]:
