@@ -19,9 +19,13 @@ from typing import Any
 
 import orjson
 
+from . import burst as B
 from . import cluster as C
 from . import env as E
 from . import fleet as F
+from . import fleetlimits as FL
+from . import hang as H
+from . import overload as O
 from .loadgen import Target
 from .scenarios import (
     MODEL,
@@ -34,12 +38,13 @@ from .scenarios import (
     memory_scenario,
     miss_scenarios,
     reject_scenarios,
-    soak_scenario,
     warm_hits,
 )
+from .soak import soak_scenario
 
-GROUPS = ("hit", "miss", "big", "dedup", "reject", "memory", "soak", "cluster", "batching", "ratelimit")
-DEFAULT_GROUPS = GROUPS[:7]  # the fleet and cluster scenarios run when named
+GROUPS = ("hit", "miss", "big", "dedup", "reject", "memory", "soak", "cluster", "batching", "ratelimit", "fleetlimits",
+          "connections", "report", "burst", "hang")
+DEFAULT_GROUPS = GROUPS[:7]  # the fleet, cluster and overload scenarios run when named
 # (inputs, encoding, tier): "local" is the proxy as configured by default (an entry read from Redis once is then
 # answered in process); "redis" is a second proxy with the in-process tier off, so every hit is an MGET.
 HIT_VARIANTS = [(1, "base64", "local"), (1, "float", "local"), (100, "base64", "local"), (100, "float", "local"),
@@ -55,13 +60,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per offered rate in a search (default 2)")
     p.add_argument("--quick", action="store_true", help="short steps and samples: a dev run of about four minutes")
     p.add_argument("--soak-minutes", type=float, default=None, help="soak length (default 0.5; 10 for the full run)")
-    p.add_argument("--soak-rps", type=float, default=200.0)
+    p.add_argument("--soak-rps", type=float, default=20.0,
+                   help="soak requests per second (default 20; a request of the mix averages about 45 inputs)")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="run the proxy with PROXY_TRACEMALLOC and take allocation snapshots during the soak "
+                        "(slows the proxy: for finding what grows, not for the RSS figures)")
     p.add_argument("--miss-rps", type=float, default=100.0, help="offered rate of the fixed-rate miss run")
     p.add_argument("--miss-requests", type=int, default=1000, help="concurrency-1 miss requests")
     p.add_argument("--upstream-latency-ms", type=float, default=1.0, help="the mock upstream's added latency")
     p.add_argument("--workers", type=int, default=1,
                    help="passed to `serve --workers` when the installed proxy has it (default 1: same core budget "
                         "as the single-process baseline)")
+    p.add_argument("--burst-connections", type=int, default=48,
+                   help="clients of the burst scenario (default 48; the issue's figure is 128)")
+    p.add_argument("--fleetlimits-seconds", type=float, default=60.0,
+                   help="length of each fleetlimits phase (default 60: one minute; shorter for a quick check)")
+    p.add_argument("--report-keys", type=int, default=1000, help="keys of the report scenario's ledger (default "
+                   "1000, the issue's figure)")
+    p.add_argument("--report-models", type=int, default=3, choices=(1, 2, 3),
+                   help="models per key in the report scenario's ledger (default 3)")
+    p.add_argument("--burst-seconds", type=float, default=12.0, help="length of each burst (default 12)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--output", type=Path, default=None, help="JSON file (default bench/results/<UTC time>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
@@ -95,10 +113,11 @@ def table(rows: list[list[str]]) -> str:
 
 def git_commit() -> str:
     try:
+        root = Path(__file__).resolve().parent.parent  # "proxy" is the package beside bench/
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
+                             cwd=root)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy"], capture_output=True, text=True,
-                               timeout=10, cwd=Path(__file__).parent).stdout.strip()
+                               timeout=10, cwd=root).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -164,7 +183,10 @@ async def run(args: argparse.Namespace) -> int:
         workers = args.workers if has_workers else None
         meta["workers"] = workers if has_workers else "serve has no --workers: one process"
         penv = E.proxy_env(redis_proc.port, mock.port, config)
-        proxy = E.start_proxy(e, penv, workers)
+        if args.tracemalloc:
+            opts.tracemalloc_dir = str(workdir / "tracemalloc")
+        heap_env = {"PROXY_TRACEMALLOC": opts.tracemalloc_dir} if opts.tracemalloc_dir else {}
+        proxy = E.start_proxy(e, {**penv, **heap_env}, workers)
         redis_config = workdir / "proxy-redis-tier.toml"
         redis_config.write_text(config.read_text() + "\n[cache]\nlocal_max_mb = 0\n")
         redis_tier = E.start_proxy(e, {**penv, "PROXY_CONFIG": str(redis_config)}, workers, name="proxy-redis-tier")
@@ -179,6 +201,10 @@ async def run(args: argparse.Namespace) -> int:
             extra["batching"] = F.start_batching(e, penv, config.read_text(), workdir, workers)
         if "ratelimit" in groups:
             extra["ratelimit"] = F.start_ratelimit(e, penv, config.read_text(), workdir, workers)
+        if "connections" in groups or "report" in groups:
+            extra["overload"] = O.start(e, penv, workdir)
+        if "burst" in groups:
+            extra["burst"] = B.start(e, penv, config.read_text(), workdir, workers)
 
         pins: list[str] = []
         server_cores, gen_cores = E.pin_plan(os.cpu_count() or 1)
@@ -213,6 +239,13 @@ async def run(args: argparse.Namespace) -> int:
             ("cluster", lambda: C.cluster_scenarios(ctx, extra["cluster"], cluster_env)),
             ("batching", lambda: F.batching_scenario(ctx, extra["batching"])),
             ("ratelimit", lambda: F.ratelimit_scenario(ctx, extra["ratelimit"])),
+            ("connections", lambda: O.connections_scenario(ctx, extra["overload"][0])),
+            ("report", lambda: O.report_scenario(ctx, extra["overload"][0], workdir / "proxy-overload.log",
+                                                       args.report_keys, args.report_models)),
+            ("fleetlimits", lambda: FL.scenario(ctx, e, penv, config.read_text(), workdir,
+                                                args.fleetlimits_seconds)),
+            ("burst", lambda: B.burst_scenario(ctx, extra["burst"], args.burst_connections, args.burst_seconds)),
+            ("hang", lambda: H.scenario(ctx, e, penv, config.read_text(), workdir)),
         ]
         for name, step in steps:
             if name not in groups:

@@ -38,12 +38,13 @@ class ConnectionClosed(Exception):
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection; one request at a time. Responses need Content-Length (aiohttp sends it)."""
+    """One keep-alive connection; one request at a time. Responses have a Content-Length or are chunked."""
 
     def __init__(self, on_done: Callable[[_Conn, int, bytes | None], None], keep_body: bool) -> None:
         self.transport: Any = None  # uvloop's TCPTransport does not subclass asyncio's transport classes
         self._buf = bytearray()
-        self._need = -1  # body bytes still expected; -1 while reading the head
+        self._need = -1  # body bytes still expected (of this chunk, when chunked); -1 while reading the head
+        self._chunked = False
         self._body: bytearray | None = None
         self._status = 0
         self._on_done = on_done
@@ -67,21 +68,27 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Large answers (a 2048-vector batch is 17 MB) are counted, not stored, unless the caller wants the body.
         while data:
-            if self._need < 0:
+            if self._need < 0 and not self._chunked:
                 self._buf += data
                 end = self._buf.find(_HEADER_END)
                 if end < 0:
                     return
                 head = bytes(self._buf[:end]).lower()
                 self._status = int(head[9:12])
+                data = bytes(self._buf[end + 4 :])
+                self._buf.clear()
+                self._body = bytearray() if self.keep_body else None
+                if b"\r\ntransfer-encoding: chunked" in head:
+                    self._chunked = True
+                    continue
                 i = head.find(b"\r\ncontent-length:")
                 if i < 0:
                     raise ConnectionClosed("response without Content-Length")
                 j = head.find(b"\r\n", i + 2)
                 self._need = int(head[i + 17 : j if j >= 0 else len(head)])
-                data = bytes(self._buf[end + 4 :])
-                self._buf.clear()
-                self._body = bytearray() if self.keep_body else None
+            if self._need < 0:  # chunked, between chunks: the next chunk's size line
+                data = self._chunk_head(data)
+                continue
             take = min(self._need, len(data))
             if self._body is not None:
                 self._body += data[:take]
@@ -89,9 +96,36 @@ class _Conn(asyncio.Protocol):
             data = data[take:]
             if self._need:
                 return
-            self._need = -1
-            body, self._body = self._body, None
-            self._on_done(self, self._status, None if body is None else bytes(body))
+            if self._chunked:
+                self._need = -1
+                continue
+            self._finish()
+
+    def _chunk_head(self, data: bytes) -> bytes:
+        """Read a chunk's size line (after the previous chunk's CRLF); the rest of `data`."""
+        self._buf += data
+        start = 2 if self._buf.startswith(b"\r\n") else 0
+        end = self._buf.find(b"\r\n", start)
+        if end < 0:
+            return b""
+        size = int(bytes(self._buf[start:end]).split(b";")[0], 16)
+        if size == 0:  # the last chunk: then an empty trailer line
+            if len(self._buf) < end + 4:
+                return b""
+            rest = bytes(self._buf[end + 4 :])
+            self._buf.clear()
+            self._chunked = False
+            self._finish()
+            return rest
+        rest = bytes(self._buf[end + 2 :])
+        self._buf.clear()
+        self._need = size
+        return rest
+
+    def _finish(self) -> None:
+        self._need = -1
+        body, self._body = self._body, None
+        self._on_done(self, self._status, None if body is None else bytes(body))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -200,8 +234,11 @@ class Target:
         *,
         expect: Sequence[int] = (200,),
         grace_s: float = 5.0,
+        rotate: bool = False,
     ) -> RunResult:
-        """`rate` x `duration_s` requests (request i is `make(i)`) at fixed scheduled times."""
+        """`rate` x `duration_s` requests (request i is `make(i)`) at fixed scheduled times; `rotate`: each on the
+        connection idle longest (the server's worker processes each get their share: by default the one idle
+        shortest, so a low rate goes over one connection, to one worker)."""
         await self.open()
         conns = [c for c in self._conns if not c.closed]
         n = max(1, int(rate * duration_s))
@@ -215,8 +252,38 @@ class Target:
         all_done = asyncio.get_running_loop().create_future()
         expected = frozenset(expect)
 
+        loop = asyncio.get_running_loop()
+        reopening: set[asyncio.Task[None]] = set()
+
         def start(conn: _Conn, i: int) -> None:
             conn.send(make(i), i)
+
+        def free(conn: _Conn) -> None:
+            if backlog:
+                start(conn, backlog.popleft())
+            else:
+                idle.append(conn)
+
+        async def reopen() -> None:
+            with contextlib.suppress(OSError):
+                _, conn = await loop.create_connection(lambda: _Conn(self._dispatch, False), "127.0.0.1", self.port)
+                self._conns.append(conn)
+                conns.append(conn)
+                free(conn)
+
+        def replace() -> None:
+            # a kept-alive connection the server closed (its idle timeout, or after an answer): a fresh one instead
+            task = loop.create_task(reopen())
+            reopening.add(task)
+            task.add_done_callback(reopening.discard)
+
+        def take_idle() -> _Conn | None:
+            while idle:
+                conn = idle.pop(0 if rotate else -1)
+                if not conn.closed:
+                    return conn
+                replace()
+            return None
 
         def done(conn: _Conn, status: int, body: bytes | None) -> None:
             i = conn.tag
@@ -230,11 +297,10 @@ class Target:
                 state["completed"] += 1
             else:
                 state["errors"] += 1
-            if not conn.closed:
-                if backlog:
-                    start(conn, backlog.popleft())
-                else:
-                    idle.append(conn)
+            if conn.closed:
+                replace()
+            else:
+                free(conn)
             if state["completed"] + state["errors"] == n and not all_done.done():
                 all_done.set_result(None)
 
@@ -246,8 +312,8 @@ class Target:
             now = time.perf_counter()
             while i < n and sched[i] <= now:  # everything due by now goes out in this wake-up
                 lag[i] = now - sched[i]  # the generator's own lateness (a backlog wait is the server's)
-                if idle:
-                    start(idle.pop(), i)
+                if (conn := take_idle()) is not None:
+                    start(conn, i)
                 else:
                     backlog.append(i)
                 i += 1
@@ -259,6 +325,8 @@ class Target:
             await asyncio.wait_for(asyncio.shield(all_done), deadline)
         wall = time.perf_counter() - t0
         self._handler = lambda c, s, b: None
+        for task in list(reopening):
+            task.cancel()
         unanswered = n - state["completed"] - state["errors"]
         if unanswered:  # drop the busy connections: their late answers must not land in the next run
             for c in conns:

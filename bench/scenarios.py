@@ -5,7 +5,6 @@ alternating), and reported as a ratio. Every load loop is bounded in count and t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from .env import CACHE_SECRET, UPSTREAM_KEY, Proc, RedisStats, cpu_seconds, rss_bytes
+from .env import CACHE_SECRET, UPSTREAM_KEY, Proc, RedisStats, cpu_seconds
 from .loadgen import RunResult, Search, Target, build_request, ms, search_rate
 
 MODEL = "text-embedding-3-small"
@@ -39,8 +38,9 @@ class Options:
     miss_rps: float = 100.0
     big_iters: int = 30
     soak_minutes: float = 0.5
-    soak_rps: float = 200.0
+    soak_rps: float = 20.0
     max_rps: float = 40000.0
+    tracemalloc_dir: str | None = None  # --tracemalloc: the proxy runs with PROXY_TRACEMALLOC set to this
 
 
 @dataclass
@@ -103,6 +103,25 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 def _ok(cond: bool | None) -> str:
     return "" if cond is None else ("yes" if cond else "NO")
+
+
+async def open_loop_over(ctx: Ctx, proxies: list[Proc], text: Callable[[int, int], str], rate: float,
+                         seconds: float, expect: tuple[int, ...], rotate: bool = False) -> list[RunResult]:
+    """`rate` requests a second over all `proxies` (open loop, an equal share each) for `seconds`: request k to
+    proxy i embeds `text(i, k)` (`rotate`: see Target.open_loop). Its kept-alive connections are closed when it
+    returns, before any proxy stops."""
+    targets = [Target(p.port, 64) for p in proxies]
+    try:
+        runs = []
+        for i, (p, t) in enumerate(zip(proxies, targets, strict=True)):
+            def make(k: int, i: int = i, p: Proc = p) -> bytes:
+                return ctx.embed_request({"model": MODEL, "input": text(i, k), "encoding_format": "base64"}, proc=p)
+            runs.append(t.open_loop(make, rate / len(proxies), seconds, expect=expect, rotate=rotate))
+        return list(await asyncio.gather(*runs))
+    finally:
+        for t in targets:
+            t.close()
+        await asyncio.sleep(0.1)
 
 
 # --- cache hits vs the bare aiohttp server -------------------------------------------------------------------
@@ -472,55 +491,3 @@ async def memory_scenario(ctx: Ctx) -> None:
             _fmt(avg / raw, 3), "<= 1.10", _ok(avg / raw <= 1.1))
     ctx.row(f"same entries, previous layout (value {raw + 4} B) / now; bytes per entry <= 6,300",
             f"{avg:.0f}", f"{before:.0f}", _fmt(avg / before, 3), "<= 6300 B", _ok(avg <= 6300))
-
-
-# --- soak: resident memory under a steady mixed load ------------------------------------------------------------
-
-
-async def soak_scenario(ctx: Ctx) -> None:
-    minutes = ctx.opts.soak_minutes
-    rate = ctx.opts.soak_rps
-    hits = [ctx.embed_request({"model": MODEL, "input": hit_text(k), "encoding_format": "base64" if k % 2 else
-                               "float"}) for k in range(100)]
-
-    def make(i: int) -> bytes:  # 1 in 10 a new input (a miss, then a cache write); the rest hits
-        if i % 10 == 0:
-            return ctx.embed_request({"model": MODEL, "input": f"bench soak {ctx.run_id} {i}: new text",
-                                      "encoding_format": "base64"})
-        return hits[i % 100]
-
-    pids = ctx.proxy.tree()
-    before = rss_bytes(pids)
-    samples: list[tuple[float, int]] = []
-    stop = asyncio.Event()
-
-    async def sample() -> None:
-        t0 = time.monotonic()
-        while not stop.is_set():
-            samples.append((time.monotonic() - t0, rss_bytes(pids)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-
-    t = Target(ctx.proxy.port)
-    sampler = asyncio.create_task(sample())
-    r = await ctx.measured(lambda: t.open_loop(make, rate, minutes * 60, grace_s=10))
-    stop.set()
-    await sampler
-    t.close()
-    await asyncio.sleep(3)
-    after = rss_bytes(pids)
-    arr = np.array(samples, dtype=float)
-    warm = arr[arr[:, 0] >= arr[-1, 0] * 0.2] if len(arr) > 4 else arr
-    slope = float(np.polyfit(warm[:, 0] / 60, warm[:, 1] / 2**20, 1)[0]) if len(warm) > 2 else float("nan")
-    mib = 2**20
-    ctx.results["soak"] = {
-        "minutes": minutes, "offered_rps": rate, "run": r.summary(),
-        "rss_mib": {"before": round(before / mib, 2), "during_max": round(float(arr[:, 1].max()) / mib, 2),
-                    "end": round(float(arr[-1, 1]) / mib, 2), "after": round(after / mib, 2)},
-        "growth_mib_per_min_after_warmup": round(slope, 3),
-        "samples": [(round(a, 1), int(b)) for a, b in samples],
-    }
-    ctx.row(f"soak {minutes:g} min @{rate:.0f} req/s: RSS MiB before / max during / after",
-            f"{before / mib:.1f} / {arr[:, 1].max() / mib:.1f} / {after / mib:.1f}", "", "", "", "")
-    ctx.row("soak RSS growth after warm-up (MiB/min); p99 ms; errors", f"{slope:.2f}; {_fmt(r.pct(99) * 1e3)}; "
-            f"{r.errors}", "", "", "< 1.0", _ok(slope < 1.0 and r.errors == 0))

@@ -66,6 +66,14 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(ProxyError):
+    """The client sent its request too slowly (headers past their deadline, a body below the minimum rate)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class KeyNotActive(ProxyError):
     """An operation that needs a working key (rotation) was asked of a revoked or expired one."""
 
@@ -131,3 +139,11 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+
+
+class Overloaded(ProxyError):
+    """This process has no room for the request now (the admission budget, README "Overload"): retry shortly."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"

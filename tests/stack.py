@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.accounts.keys import KeyStore
 from proxy.config import RedisSettings
-from proxy.keys import KeyStore
 from proxy.stores.guard import Store, connect
 from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, free_port
@@ -69,10 +70,11 @@ def wait_http(url: str, proc: subprocess.Popen[Any] | None = None, timeout: floa
 class Server:
     """A subprocess with its stdout and stderr in files (read them after it stops, or while it runs)."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], workdir: Path) -> None:
+    def __init__(self, args: list[str], env: Mapping[str, str], workdir: Path,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.stdout_path, self.stderr_path = workdir / "stdout.log", workdir / "stderr.log"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(args, env=dict(env), stdout=out, stderr=err)
+            self.proc = subprocess.Popen(args, env=dict(env), stdout=out, stderr=err, preexec_fn=preexec)
 
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -103,8 +105,11 @@ def start_mock(workdir: Path) -> tuple[Server, str]:
 
 
 def start_proxy(workdir: Path, mock_url: str, redis_url: str, config: str, *, workers: int,
-                metrics_port: int | None = None, env: Mapping[str, str] | None = None) -> tuple[Server, str]:
-    port = free_port()
+                metrics_port: int | None = None, env: Mapping[str, str] | None = None,
+                port: int | None = None, nofile: int | None = None) -> tuple[Server, str]:
+    """`embedding-proxy serve`; `port`: a fixed port (else a free one); `nofile`: its file-descriptor limit (soft and
+    hard), as `ulimit -n` would set it."""
+    port = port or free_port()
     d = Path(tempfile.mkdtemp(prefix="proxy-", dir=workdir))
     (d / "proxy.toml").write_text(config)
     args = [sys.executable, "-m", "proxy", "--config", str(d / "proxy.toml"), "serve", "--port", str(port),
@@ -112,7 +117,9 @@ def start_proxy(workdir: Path, mock_url: str, redis_url: str, config: str, *, wo
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
     server = Server(args, base_env(REDIS_URL=redis_url, UPSTREAM_BASE_URL=mock_url + "/v1",
-                                   UPSTREAM_API_KEY=UPSTREAM_KEY, TMPDIR=str(d), **(env or {})), d)
+                                   UPSTREAM_API_KEY=UPSTREAM_KEY, TMPDIR=str(d), **(env or {})), d,
+                    preexec=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                                   (nofile, nofile)))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while "listening on" not in server.stdout():  # printed once every worker listens

@@ -14,10 +14,10 @@ import orjson
 import pytest
 import redis
 
-from proxy.app import KEYSTORE, LEDGER, QUOTAS, SERVICE
-from proxy.limits import Limits
-from proxy.request import parse_request
-from proxy.service import Trace
+from proxy.config.limits import Limits
+from proxy.embeddings.request import parse_request
+from proxy.embeddings.service import Trace
+from proxy.http.app import KEYSTORE, LEDGER, QUOTAS, SERVICE
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import Clock
 
@@ -104,10 +104,10 @@ async def test_a_request_whose_own_chunk_fails_keeps_the_chunks_that_were_billed
     assert dict(upstream.state.billed) == {"alpha": 2}
     assert ledger(r, "alpha") == {"requests": 0, "upstream_tokens": 2, "cached_tokens": 0, "failed_tokens": 2}
     assert counted(r, "alpha") == 2
-    report = await p.app[LEDGER].report("alpha", *_days(r, "alpha"), None, {MODEL: 0.02})
+    report = await p.app[LEDGER].report("alpha", *_days(r, "alpha"), None, {MODEL: 500.0})
     assert [(row["requests"], row["upstream_tokens"], row["failed_tokens"], row["total_tokens"]) for row in report] \
         == [(0, 2, 2, 0)]  # billed, priced, never served
-    assert report[0]["upstream_cost_usd"] == pytest.approx(2 * 0.02 / 1e6)
+    assert report[0]["upstream_cost_usd"] == "0.001000"  # 2 tokens at 500 per million, as text (money.py)
 
 
 def _days(r: redis.Redis, team: str) -> tuple[dt.date, dt.date]:

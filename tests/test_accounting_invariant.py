@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import redis
 
-from proxy.app import KEYSTORE, LEDGER, SERVICE, STORE
-from proxy.limits import Limits
+from proxy.config.limits import Limits
+from proxy.http.app import KEYSTORE, LEDGER, SERVICE, STORE
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings
 from tests.helpers import Clock
 

@@ -15,12 +15,12 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.accesslog import AccessLog
-from proxy.app import ACCESS_LOG, KEYSTORE, METRICS, create_app, retry_after_header
+from proxy.accounts.keys import MAX_LIFETIME_S, hash_key
 from proxy.config import ConfigError, parse
+from proxy.config.limits import check_team
 from proxy.errors import ProxyError, RateLimited
-from proxy.keys import MAX_LIFETIME_S, hash_key
-from proxy.limits import check_team
+from proxy.http.accesslog import AccessLog
+from proxy.http.app import ACCESS_LOG, KEYSTORE, METRICS, create_app, retry_after_header
 from tests.conftest import Proxy, Upstream, make_settings
 from tests.helpers import raw_http, served, until
 from tests.test_cli import cli

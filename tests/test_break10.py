@@ -118,8 +118,8 @@ async def test_keys_created_after_a_planned_sentinel_switch_are_kept(sentinel_se
     accepting writes until a sentinel converts it; redis-py asks the first sentinel that answers, so the proxy's
     master connections flip between the old and the new master (topology.build_client: no agreement of the
     sentinels, no check of the master's role) and writes to the old one vanish when it becomes a replica."""
-    from proxy.app import KEYSTORE
-    from proxy.keys import hash_key
+    from proxy.accounts.keys import hash_key
+    from proxy.http.app import KEYSTORE
     from tests.redis_servers import SENTINEL_MASTER, wait_until
 
     config = "[redis]\nsocket_timeout_s = 0.5\nretry_interval_s = 0.3\n[cache]\nlocal_max_mb = 0\n"

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import ConfigError, parse
 from tests import test_fleet
 from tests.conftest import ProxyFactory, Upstream

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import create_app, create_metrics_app
 from proxy.config import ConfigError, parse
-from proxy.metrics import Metrics
-from proxy.routing import quiet_parser_errors
+from proxy.http.app import create_app, create_metrics_app
+from proxy.http.routing import quiet_parser_errors
+from proxy.telemetry.metrics import Metrics
 from tests.conftest import Upstream, make_settings
 from tests.helpers import raw_http, served
 

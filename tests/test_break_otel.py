@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import otel
-from proxy.app import KEYSTORE, create_app
-from proxy.cli import main
+from proxy.cli.main import main
+from proxy.http.app import KEYSTORE, create_app
+from proxy.telemetry import otel
 from tests.conftest import ProxyFactory, Upstream, make_settings
 from tests.helpers import raw_http, served, until
 from tests.test_tracing import Receiver, dropped, otel_env, serving_receiver
@@ -40,8 +40,8 @@ async def collector() -> AsyncIterator[tuple[Receiver, str]]:
 _START = """
 import os
 from proxy.config import ConfigError
-from proxy.metrics import Metrics
-from proxy.tracing import start
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.tracing import start
 try:
     start(os.environ, Metrics())
 except ConfigError as exc:
@@ -81,7 +81,7 @@ def test_bad_otel_values_are_one_clear_error_or_are_served_never_a_traceback(ote
                              cwd=ROOT)
     assert "Traceback" not in started.stderr, started.stderr[-600:]
     assert started.returncode == 0
-    check = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config"], env=env, capture_output=True,
+    check = subprocess.run([sys.executable, "-m", "proxy.cli.main", "check-config"], env=env, capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
     assert "Traceback" not in check.stderr, check.stderr[-600:]
     if started.stdout.startswith("config error:"):
@@ -188,8 +188,8 @@ def test_an_unusable_collector_header_is_not_logged_with_its_credential(
     otel_env(monkeypatch, "http://127.0.0.1:4318", OTEL_EXPORTER_OTLP_HEADERS="authorization=Bearer tok;secret-7f3a")
     monkeypatch.setenv("UPSTREAM_BASE_URL", "http://127.0.0.1:9/v1")
     caplog.set_level(logging.INFO)
-    from proxy.metrics import Metrics
-    from proxy.tracing import start
+    from proxy.telemetry.metrics import Metrics
+    from proxy.telemetry.tracing import start
 
     code = main(["check-config"])
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy.mock_upstream import vector_for
+from proxy.mock.upstream import vector_for
 from proxy.stores.rediskeys import DigestBuilder, seed_from_secret
 from proxy.tokens import get_encoding
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle

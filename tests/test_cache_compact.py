@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.config import RedisSettings
-from proxy.mock_upstream import vector_for
+from proxy.mock.upstream import vector_for
 from proxy.stores.cache import EmbeddingCache, Entry
 from proxy.stores.entrycodec import PACKED_TAG
 from proxy.stores.guard import Store

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from proxy.admin import CACHE
 from proxy.config import RedisSettings
+from proxy.http.admin import CACHE
 from proxy.stores.generations import CacheGenerations
 from proxy.stores.guard import Store, in_process_redis
 from proxy.stores.rediskeys import RedisKeys

@@ -14,9 +14,9 @@ import pytest
 import redis
 import xxhash
 
-from proxy.admin import CACHE
-from proxy.app import LEDGER, SERVICE
 from proxy.config import ConfigError, RedisSettings, parse
+from proxy.http.admin import CACHE
+from proxy.http.app import LEDGER, SERVICE
 from proxy.stores.generations import CacheGenerations
 from proxy.stores.guard import Store, in_process_redis
 from proxy.stores.rediskeys import DigestBuilder, RedisKeys
@@ -367,7 +367,7 @@ async def test_one_subscription_carries_key_changes_and_purges(
 ) -> None:
     await make_proxy(make_settings(upstream.base_url, redis_url))
     raw = redis.Redis.from_url(redis_url)
-    channels = ["ep:keys:changed", "ep:cache-gen:changed"]
+    channels = ["ep:keys:changed", "ep:cache-gen:changed", "ep:fleet:health"]
     await until(lambda: raw.pubsub_numsub(*channels) == [(c.encode(), 1) for c in channels])
     subscribed = [c for c in raw.client_list() if int(c.get("sub", 0)) > 0]
-    assert [int(c["sub"]) for c in subscribed] == [2]  # one connection, both channels
+    assert [int(c["sub"]) for c in subscribed] == [3]  # one connection, every channel (keys, purges, fleet health)

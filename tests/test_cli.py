@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.cli.main import LOG_LEVELS, build_parser
 from tests.conftest import Upstream, make_settings, settle
 
 pytestmark = pytest.mark.redis
@@ -156,11 +161,92 @@ async def test_teams_keys_quotas_rotation_and_usage_commands(
     assert len(by_key) == 2 and by_key[doc["id"]] == 3  # the old key 3, its replacement 1
     assert sum(r["total_tokens"] for r in rows) == 4 * 3
     assert by_key[doc["id"]] + next(v for k, v in by_key.items() if k != doc["id"]) == 4
+    # each key's name and team beside its id (issue 18): the replacement kept the name
+    assert sorted((r["team"], r["key"], r["key_name"]) for r in rows) == sorted(("ads", k, "etl") for k in by_key)
+    table = cli(redis_url, "usage", "--team", "ads", "--by", "key").stdout.splitlines()
+    assert table[0].split()[:3] == ["team", "key", "key_name"]
+    assert all(line.split()[:3] == ["ads", k, "etl"] for line, k in zip(table[1:], sorted(by_key), strict=True))
     csv_out = cli(redis_url, "usage", "--format", "csv").stdout.splitlines()
     assert csv_out[0] == ("team,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd,"
-                          "failed_tokens")
+                          "failed_tokens,unconfirmed_tokens")
     assert csv_out[1].startswith("ads,4,3,9,12,")
     table = cli(redis_url, "usage", "--by", "model").stdout
     assert "ads" in table and MODEL in table
     assert cli(redis_url, "usage", "--since", "2026-02-30").returncode == 2
     assert cli(redis_url, "usage", "--since", "2026-02-02", "--until", "2026-02-01").returncode == 2
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "embedding-proxy"
+             ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the command line: the top one, each command's and each subcommand's."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+SERVERS = {"embedding-proxy serve", "embedding-proxy mock-upstream"}  # they run until stopped: logs, not a report
+
+
+def test_every_command_option_and_positional_is_explained() -> None:
+    """Issue 18: `--host`, `--port`, `--json` and the positionals had no help text, `check-config` no description.
+    Walks every parser the table builds: each has a description, each argument a help text (a subcommand list
+    included), and every command that prints a result takes --json."""
+    missing = []
+    for name, parser in _parsers(build_parser()):
+        if not (parser.description or "").strip():
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = "/".join(action.option_strings) or action.dest
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {label}: no help")
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {a.dest}: no help" for a in action._choices_actions if not a.help]
+        leaf = not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+        if leaf and name not in SERVERS and "--json" not in parser._option_string_actions:
+            missing.append(f"{name}: prints a result but has no --json")
+    assert missing == []
+
+
+def test_log_level_help_lists_every_level() -> None:
+    (action,) = [a for a in build_parser()._actions if "--log-level" in a.option_strings]
+    assert action.help is not None and all(level.lower() in action.help for level in LOG_LEVELS)
+    assert list(action.choices or ()) == list(LOG_LEVELS)
+
+
+def test_help_lists_every_environment_variable_the_readme_lists() -> None:
+    """The epilog of `embedding-proxy --help` names each variable of the README's table (Configuration)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("| variable | meaning |", 1)[1].split("\n\n", 1)[0]
+    names = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    assert {"PROXY_CONFIG", "UPSTREAM_BASE_URL", "REDIS_TYPE", "CACHE_REDIS_URL", "PROXY_ADMIN_KEY"} <= names
+    done = subprocess.run([sys.executable, "-m", "proxy", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "environment variables" in done.stdout
+    epilog = done.stdout.split("environment variables", 1)[1]
+    assert sorted(n for n in names if not re.search(rf"\b{n}\b", epilog)) == []
+
+
+def test_json_wherever_something_is_printed(redis_url: str) -> None:
+    """Each command that prints a result prints it as JSON with --json, in the admin API's shapes."""
+    made = json.loads(cli(redis_url, "keys", "create", "--team", "ads", "--json").stdout)
+    limited = json.loads(cli(redis_url, "keys", "limits", made["id"], "--rpm", "7", "--json").stdout)
+    assert (limited["id"], limited["limits"]["rpm"], "key" in limited) == (made["id"], 7, False)
+    assert json.loads(cli(redis_url, "teams", "set", "ads", "--tpm", "900", "--json").stdout) == {
+        "team": "ads", "limits": {"rpm": None, "tpm": 900, "tokens_per_day": None, "tokens_per_month": None}}
+    assert json.loads(cli(redis_url, "teams", "reset", "ads", "--json").stdout)["limits"]["tpm"] is None
+    revoked = json.loads(cli(redis_url, "keys", "revoke", made["id"], "--json").stdout)
+    assert revoked["revoked"] is True and revoked["id"] == made["id"]
+    purged = json.loads(cli(redis_url, "cache", "purge", "--model", MODEL, "--json").stdout)
+    assert purged == {"object": "cache.purge", "model": MODEL, "team": None, "generation": 1, "scope": "shared"}
+    assert cli(redis_url, "usage", "--json").stdout == cli(redis_url, "usage", "--format", "json").stdout
+    both = cli(redis_url, "usage", "--json", "--format", "csv")
+    assert both.returncode == 2 and "two formats" in both.stderr
+    checked = cli(redis_url, "check-config", "--json")
+    doc = json.loads(checked.stdout)
+    assert checked.returncode == 0 and doc["ok"] is True and doc["store"] == "redis (single)"
+    assert doc["warnings"] and all(f"WARNING: {w}" in checked.stderr for w in doc["warnings"])  # no persistence
+    strict = cli(redis_url, "check-config", "--json", "--strict")
+    assert strict.returncode == 1 and json.loads(strict.stdout)["ok"] is False

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import CACHE_STORE, LEDGER
+from proxy.accounts.keys import KeyStore
 from proxy.config import RedisSettings
-from proxy.keys import KeyStore
+from proxy.http.app import CACHE_STORE, LEDGER
 from proxy.stores.guard import Store, connect
 from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, Upstream, free_port, make_settings, settle

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import SERVICE
-from proxy.coalesce import InFlight
+from proxy.embeddings.coalesce import InFlight
+from proxy.http.app import SERVICE
 from proxy.stores.cache import EmbeddingCache
 from proxy.tokens import Tokenizer
 from tests.conftest import Proxy, Upstream, make_settings, settle

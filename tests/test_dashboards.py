@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from proxy.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 from tests.promql import (
     DASHBOARDS,
     DEPLOY,
@@ -92,7 +93,7 @@ def test_panels_inside_rows_are_read_and_checked(tmp_path: Path) -> None:
 
 
 def test_panel_details_grafana_shows() -> None:
-    panels = {p["title"]: p for path in DASHBOARDS for p in all_panels(load_dashboard(path))}
+    panels = {p["title"]: p for path in DASHBOARDS for p in all_panels(load_dashboard(path)) if p["type"] != "row"}
     headroom = next(p for t, p in panels.items() if t.startswith("Quota headroom"))
     assert headroom["type"] == "bargauge"
     assert headroom["fieldConfig"]["defaults"].items() >= {"unit": "percentunit", "min": 0, "max": 1}.items()
@@ -154,3 +155,81 @@ def test_alert_rules_cover_the_operator_concerns() -> None:
     names = {name for name, _ in alert_rules()}
     assert {"EmbeddingProxyDown", "EmbeddingProxyUpstreamErrorRatio", "EmbeddingProxyUpstreamSlow",
             "EmbeddingProxyCacheFailing", "EmbeddingProxyQuotaRejectionsSurging"} <= names
+
+
+def _team_labelled() -> set[str]:
+    """The series names whose metric has a `team` label: the ones a panel can show per team."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    metrics = Metrics(models=["m"])
+    families = [(c._name, c._type) for c in vars(metrics).values()
+                if isinstance(c, MetricWrapperBase) and "team" in c._labelnames]
+    return exported_names(families)
+
+
+def _rows(doc: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(row, its panels) in order: a row owns the top-level panels after it, up to the next row."""
+    out: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for panel in doc["panels"]:
+        if panel["type"] == "row":
+            out.append((panel, list(panel.get("panels", []))))
+        else:
+            assert out, f"{panel['title']} is above the first row"
+            out[-1][1].append(panel)
+    return out
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_panel_follows_the_team_variable_or_says_it_is_global(path: Path) -> None:
+    """A panel that reads a metric with a team label filters every selector of it by `team=~"$team"`; a panel
+    whose metrics have none says, in its title and description, that it shows all teams; so does its row."""
+    team_labelled = _team_labelled()
+    assert {"embedding_proxy_requests_total", "embedding_proxy_tokens_total",
+            "embedding_proxy_quota_limit"} <= team_labelled
+    rows = _rows(load_dashboard(path))
+    assert len(rows) >= 3, "panels grouped in rows"
+    for row, panels in rows:
+        assert panels, row["title"]
+        for panel in panels:
+            exprs = [t["expr"] for t in panel["targets"]]
+            per_team = False
+            for expr in exprs:
+                for name in metric_names(substitute(expr)) & team_labelled:
+                    selectors = re.findall(rf"\b{name}\b(\{{[^}}]*\}})?", expr)
+                    assert selectors and all('team=~"$team"' in s for s in selectors), (panel["title"], expr)
+                    per_team = True
+            where = (path.name, panel["title"])
+            if per_team:
+                assert "all teams" not in panel["title"] and "per team" in row["title"], where
+                assert panel["description"] == "Follows the team variable.", where
+            else:
+                assert panel["title"].endswith("all teams)") and "all teams" in row["title"], where
+                assert "team variable does not filter this panel" in panel["description"], where
+
+
+def _measures(expr: str) -> str:
+    """What a query measures, by its metric: seconds (a latency's buckets or sum), dollars, or a count or rate."""
+    if re.search(r"_seconds_(bucket|sum)\b", expr):
+        return "s"
+    if "_usd_total" in expr:
+        return "currencyUSD"
+    return "count"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_units_fit_what_each_panel_measures(path: Path) -> None:
+    """One kind of quantity per panel (no count rate beside seconds under one unit), and the unit that says it."""
+    counts = {"short", "reqps", "ops", "percentunit"}
+    for panel in all_panels(load_dashboard(path)):
+        if panel["type"] == "row":
+            continue
+        kinds = {_measures(t["expr"]) for t in panel["targets"]}
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        assert len(kinds) == 1, (panel["title"], kinds)
+        [kind] = kinds
+        assert unit == kind if kind != "count" else unit in counts, (panel["title"], kind, unit)
+        if re.search(r"\b(ratio|share|headroom)\b", panel["title"], re.I):
+            assert unit == "percentunit", panel["title"]
+        if all("rate(" in t["expr"] and " / " not in t["expr"] and "histogram_quantile" not in t["expr"]
+               for t in panel["targets"]) and panel["type"] == "timeseries" and kind == "count":
+            assert unit in ("reqps", "ops", "short"), panel["title"]  # per second

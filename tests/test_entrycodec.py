@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from proxy.mock_upstream import vector_for
+from proxy.mock.upstream import vector_for
 from proxy.stores.entrycodec import HEAD, PACKED_TAG, RAW_TAG, Entry, decode_entries, decode_entry, encode_entries
 from proxy.stores.localcache import LocalCache, entry_cost
 

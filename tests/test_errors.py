@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.app import KEYSTORE, METRICS
+from proxy.http.app import KEYSTORE, METRICS
 from tests.conftest import UPSTREAM_KEY, Proxy, RedisServer, Upstream, free_port, make_settings, settle
 from tests.helpers import assert_same_vectors, direct, vectors
 

@@ -12,12 +12,12 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors, trainers
 
 from proxy import config
-from proxy.cli import main
+from proxy.cli.main import main
+from proxy.embeddings.request import parse_request
 from proxy.errors import InvalidRequest, UpstreamBadGateway
-from proxy.request import parse_request
 from proxy.tokens import make_tokenizer
 from proxy.upstream import parse_duration
-from proxy.upstream.batching import MicroBatcher
+from proxy.upstream.batching import Lost, MicroBatcher
 from proxy.upstream.http import UpstreamResult
 from proxy.upstream.pacing import Budget
 from proxy.upstream.router import Router
@@ -95,15 +95,17 @@ def test_deployments_are_read_and_upstream_name_stays_valid() -> None:
         ("[models.m]\ndimensions = 4\ndeployments = [{ upstream = 'nope' }]\n",
          "models.m.deployments[0].upstream names unknown upstream 'nope'"),
         ("[models.m]\ndimensions = 4\ndeployments = [{ upstream = 'default', weight = 0 }]\n",
-         "models.m.deployments[0].weight must be positive"),
+         "models.m.deployments[0].weight must be above 0, not 0"),
         ("[models.m]\ndimensions = 4\ndeployments = [{ upstream = 'default', weight = -1 }]\n",
-         "models.m.deployments[0].weight must not be negative"),
+         "models.m.deployments[0].weight must be above 0, not -1"),
         ("[models.m]\ndimensions = 4\ndeployments = [{ upstream = 'default', colour = 1 }]\n",
          "unknown key models.m.deployments[0].colour"),
         ("[models.m]\ndimensions = 4\ndeployments = []\n", "models.m.deployments must be a non-empty array"),
         ("[models.m]\ndimensions = 4\nupstream = 'default'\ndeployments = [{ upstream = 'default' }]\n",
          "models.m: give either upstream or deployments"),
-        ("[upstreams.x]\nkind = 'bedrock'\n", "upstreams.x.kind must be one of ('openai', 'azure')"),
+        ("[upstreams.x]\nkind = 'sagemaker'\n", "upstreams.x.kind must be one of ('openai', 'azure', 'cohere', "
+         "'voyage', 'gemini', 'vertex', 'bedrock', 'jina')"),
+        ("[upstreams.x]\nkind = 'bedrock'\n", 'upstreams.x.region is required with kind = "bedrock"'),
         ("[upstreams.x]\nkind = 'azure'\n", "upstreams.x.api_version is required"),
         ("[models.m]\ndimensions = 4\ntokenizer = 'hf:/no/such/tokenizer.json'\n",
          "models.m.tokenizer: cannot load the tokenizer file /no/such/tokenizer.json"),
@@ -268,7 +270,8 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float, lost: Lost | None = None,
+                   gave_up: object = None, input_type: str | None = None) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
@@ -290,10 +293,13 @@ async def test_batcher_merges_while_a_call_is_in_flight_and_splits_exactly() -> 
     results = await asyncio.gather(first, *rest, other_user)
     # two waiting calls fill the next (4 items): it went at once; the third followed after the join window
     assert calls[2:] == [["x1", "x11", "x2", "x12"], ["x3", "x13"]]
-    for (result, served), expected in zip(results[1:4], ([1, 11], [2, 12], [3, 13]), strict=True):
+    for (result, served), expected, tokens in zip(results[1:4], ([1, 11], [2, 12], [3, 13]),
+                                                  ([2, 4], [2, 4], [3, 5]), strict=True):
         assert served == "a"
         assert result.vectors[:, 0].tolist() == expected
-        assert result.tokens == [3, 5]  # its own inputs' share: 2 + 1 and 4 + 1
+        # merged with another caller, whose inputs the upstream's extra tokens may belong to: its local counts;
+        # alone in its call: the upstream's own count (2 + 1 and 4 + 1)
+        assert result.tokens == tokens
     assert results[0][0].tokens == [4]
 
 
@@ -303,7 +309,8 @@ async def test_batcher_fails_every_caller_and_retries_a_400_alone() -> None:
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float, lost: Lost | None = None,
+                   gave_up: object = None, input_type: str | None = None) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()
@@ -328,12 +335,14 @@ async def test_batcher_fails_every_caller_and_retries_a_400_alone() -> None:
 
 
 def test_readiness_needs_no_key_for_a_keyless_upstream() -> None:
-    from proxy.app import upstream_problems
+    from proxy.http.readiness import upstream_problems
 
     s = config.parse('[upstreams.tei]\nbase_url = "http://tei:8080/v1"\napi_key_env = ""\n'
-                     '[upstreams.oa]\nbase_url = "https://api.example.com/v1"\napi_key_env = "OA_KEY"\n',
+                     '[upstreams.oa]\nbase_url = "https://api.example.com/v1"\napi_key_env = "OA_KEY"\n'
+                     '[models.m]\ndimensions = 4\ndeployments = [{ upstream = "tei" }, { upstream = "oa" }]\n',
                      "/etc/proxy.toml", {"UPSTREAM_API_KEY": "k"})
-    assert upstream_problems(s) == ["upstream oa: $OA_KEY is not set"]
+    assert list(upstream_problems(s)) == ["oa"]  # only upstreams a model uses are checked (not "default")
+    assert upstream_problems(s)["oa"].startswith("upstream oa: $OA_KEY is not set")
 
 
 async def test_batcher_a_merged_call_leaves_while_another_is_in_flight_with_the_earliest_deadline() -> None:
@@ -341,7 +350,8 @@ async def test_batcher_a_merged_call_leaves_while_another_is_in_flight_with_the_
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float, lost: Lost | None = None,
+                   gave_up: object = None, input_type: str | None = None) -> tuple[UpstreamResult, str]:
         calls.append((list(inputs), asked))  # type: ignore[arg-type]
         if len(calls) == 1:
             await gate.wait()  # the first call stalls
@@ -351,7 +361,7 @@ async def test_batcher_a_merged_call_leaves_while_another_is_in_flight_with_the_
     stalled = asyncio.create_task(batcher.submit("m", ["s"], [1], None, None, asked=1.0))
     await asyncio.sleep(0)
     joined = [asyncio.create_task(batcher.submit("m", [x], [1], None, None, asked=t))
-              for x, t in (("x", 5.0), ("y", 3.0))]
+              for x, t in (("x", 3.1), ("y", 3.0))]  # within ASKED_SPREAD_S: they share a call
     done, _ = await asyncio.wait(joined, timeout=5.0)
     assert done == set(joined)  # the stalled call held no one up
     assert calls == [(["s"], 1.0), (["x", "y"], 3.0)]  # its deadline counts from when its earliest request asked
@@ -364,7 +374,8 @@ async def test_batcher_merges_within_a_team_only() -> None:
     gate = asyncio.Event()
 
     async def call(model: str, inputs: list[str] | list[list[int]], counts: list[int], dims: int | None,
-                   user: str | None, asked: float) -> tuple[UpstreamResult, str]:
+                   user: str | None, asked: float, lost: Lost | None = None,
+                   gave_up: object = None, input_type: str | None = None) -> tuple[UpstreamResult, str]:
         calls.append(list(inputs))  # type: ignore[arg-type]
         if inputs[0] in ("r0", "b0"):
             await gate.wait()

@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.accesslog import AccessLog
-from proxy.app import ACCESS_LOG, KEYSTORE, METRICS, create_app
+from proxy.http.accesslog import AccessLog
+from proxy.http.app import ACCESS_LOG, KEYSTORE, METRICS, create_app
 from tests.conftest import RedisServer, Upstream, make_settings
 from tests.helpers import RawAnswer, raw_http, served, until
 
@@ -208,6 +208,19 @@ def snapshot(server: RedisServer) -> dict[bytes, bytes | None]:
         client.close()
 
 
+async def _index_built(app: Any, redis_server: RedisServer) -> None:
+    """Until the background build of the team key indexes (keyindexbuild.py) marked them built and let its lock go."""
+    client = redis_server.client()
+    try:
+        for _ in range(400):
+            if await app[KEYSTORE].index.built() and not client.exists("ep:meta:teamkeys-lock"):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the team key indexes were not built within 20 s")
+    finally:
+        client.close()
+
+
 async def test_fuzzed_headers_and_framing_never_5xx_never_upstream_never_redis(
     upstream: Upstream, redis_server: RedisServer, redis_url: str, caplog: Any
 ) -> None:
@@ -219,6 +232,7 @@ async def test_fuzzed_headers_and_framing_never_5xx_never_upstream_never_redis(
     failures, statuses = [], set()
     async with served(app) as port:
         key, record = await app[KEYSTORE].create("search")
+        await _index_built(app, redis_server)  # the team indexes' one-time build, started with the app, is over
         before = snapshot(redis_server)
         rng = random.Random(SEED)
         cases = [make_case(rng, key.encode(), record.id.encode()) for _ in range(CASES)]

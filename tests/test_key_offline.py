@@ -5,9 +5,9 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
+from proxy.accounts.keys import Authenticator, KeyStore
 from proxy.config import RedisSettings
 from proxy.errors import AuthenticationFailed, ServiceUnavailable
-from proxy.keys import Authenticator, KeyStore
 from proxy.stores.guard import Store
 from proxy.stores.rediskeys import RedisKeys
 from tests.helpers import Clock

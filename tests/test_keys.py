@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from proxy.accounts.keys import Authenticator, KeyRecord, KeyStore, hash_key
 from proxy.config import RedisSettings
+from proxy.config.limits import Limits
 from proxy.errors import AuthenticationFailed, KeyChanged, KeyNotActive
-from proxy.keys import Authenticator, KeyRecord, KeyStore, hash_key
-from proxy.limits import Limits
 from proxy.stores.guard import Store, connect
 from proxy.stores.rediskeys import RedisKeys
 from tests.helpers import Clock

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import METRICS, SERVICE
+from proxy.http.app import METRICS, SERVICE
 from proxy.stores.cache import Entry, decode_entry, encode_entry
 from proxy.stores.localcache import LocalCache, entry_cost
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_metrics_app
-from proxy.metrics import Metrics
+from proxy.http.app import create_metrics_app
+from proxy.telemetry.metrics import Metrics
 from tests.conftest import Proxy, ProxyFactory, Upstream, make_settings
 from tests.helpers import raw_get
 from tests.stack import CONFIG, http, start_mock, start_proxy

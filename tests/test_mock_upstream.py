@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from proxy.mock_upstream import (
+from proxy.mock.upstream import (
     HUGE_BODY_BYTES,
     MOCK_STATE,
     MockModel,
@@ -537,9 +537,11 @@ async def test_control_endpoints(aiohttp_client: Any) -> None:
     await embed(client, {"input": ["a", "b"], "model": SMALL})
     await embed(client, {"input": ["a b c"], "model": SMALL, "user": "team-a"})
     await client.post("/_mock/fail", json={"mode": "wrong_count"})
-    await client.post("/v1/embeddings", json={"input": ["a", "b"], "model": SMALL})  # a faulty answer: not billed
+    # a faulty 200 is billed all the same, as an upstream bills the work (issue 15: the proxy records its usage)
+    await client.post("/v1/embeddings", json={"input": ["a", "b"], "model": SMALL})
     assert await (await client.get("/_mock/stats")).json() == {
-        "requests": 3, "inputs": 5, "billed_tokens": 5, "billed": {"": 2, "team-a": 3}, "rate_limited": 0,
+        "requests": 3, "inputs": 5, "billed_tokens": 7, "billed": {"": 4, "team-a": 3}, "rate_limited": 0,
+        "peak_in_flight": 1, "busiest_window": {"requests": 3, "tokens": 7},
     }
     resp = await client.post("/_mock/fail", json={"mode": "status", "times": 2, "status": 429, "retry_after": 1.5})
     assert resp.status == 200
@@ -551,7 +553,8 @@ async def test_control_endpoints(aiohttp_client: Any) -> None:
     assert (await client.post("/_mock/fail", json={"mode": "garbage"})).status == 200
     assert (await client.post("/_mock/reset")).status == 200
     assert await (await client.get("/_mock/stats")).json() == {"requests": 0, "inputs": 0, "billed_tokens": 0,
-                                                               "billed": {}, "rate_limited": 0}
+                                                               "billed": {}, "rate_limited": 0, "peak_in_flight": 0,
+                                                               "busiest_window": {"requests": 0, "tokens": 0}}
     await embed(client, {"input": "x", "model": SMALL})  # the reset dropped the queued garbage answer
 
 
@@ -614,7 +617,7 @@ def test_run_prints_its_address_and_serves() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from proxy.mock_upstream import MockSettings, run; run('127.0.0.1', {port}, MockSettings())"
+    code = f"from proxy.mock.upstream import MockSettings, run; run('127.0.0.1', {port}, MockSettings())"
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == f"mock upstream listening on http://127.0.0.1:{port}/v1"
@@ -626,4 +629,5 @@ def test_run_prints_its_address_and_serves() -> None:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     assert reply.startswith(b"HTTP/1.1 200")
-    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{},"rate_limited":0}')
+    assert reply.endswith(b'{"requests":0,"inputs":0,"billed_tokens":0,"billed":{},"rate_limited":0,'
+                          b'"peak_in_flight":0,"busiest_window":{"requests":0,"tokens":0}}')

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.accesslog import AccessLog, AccessRecord, access_line, error_code
-from proxy.app import ACCESS_LOG
 from proxy.errors import (
     InvalidRequest,
     RateLimited,
@@ -21,7 +19,9 @@ from proxy.errors import (
     UpstreamBadGateway,
     UpstreamTimeout,
 )
-from proxy.metrics import UPSTREAM_ERROR_KINDS, Metrics, upstream_error_kind
+from proxy.http.accesslog import AccessLog, AccessRecord, access_line, error_code
+from proxy.http.app import ACCESS_LOG
+from proxy.telemetry.metrics import UPSTREAM_ERROR_KINDS, Metrics, upstream_error_kind
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, Upstream, make_settings, settle
 
 pytestmark = pytest.mark.redis

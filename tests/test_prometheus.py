@@ -33,9 +33,11 @@ QUOTA = "embedding_proxy_quota_"
 LARGE = "text-embedding-3-large"
 # Panels that must show traffic (a value > 0), not merely a finite number, after the test's two rounds.
 BUSY_PANELS = {
-    "Requests per second", "Cache hit ratio (unique inputs)", "Requests by status class", "Requests by cache outcome",
-    "Request latency (4xx refusals left out)", "Request latency p95 by cache outcome (4xx refusals left out)",
-    "Upstream calls by outcome", "Upstream latency (retries included)", "Inputs by source",
+    "Requests per second", "Cache hit ratio (share of tokens)", "Requests by status class", "Requests by cache outcome",
+    "Request latency (4xx refusals left out; all teams)",
+    "Request latency p95 by cache outcome (4xx refusals left out; all teams)",
+    "Upstream calls by outcome (all teams)", "Upstream latency (retries included; all teams)", "Inputs by source",
+    "Cache lookups by result (unique inputs; all teams)",
     "Upstream cost in range (USD)", "Saved by the cache in range (USD)", "Tokens saved by the cache in range",
     "Quota rejections in range", "Tokens per second by team and source", "Requests per second by team",
     "Tokens per team and key in range", "Cache share of tokens by team", "Tokens saved by the cache per team",

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
+from proxy.accounts.keys import KeyRecord
+from proxy.accounts.quota import Quotas, Ticket, format_reset, window
+from proxy.accounts.teams import TeamStore
 from proxy.config import QuotaSettings, RedisSettings
+from proxy.config.limits import Limits
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable, TokensRateLimited
-from proxy.keys import KeyRecord
-from proxy.limits import Limits
-from proxy.metrics import Metrics
-from proxy.quota import Quotas, Ticket, format_reset, window
 from proxy.stores.guard import Store, connect
 from proxy.stores.rediskeys import RedisKeys
-from proxy.teams import TeamStore
+from proxy.telemetry.metrics import Metrics
 from tests.helpers import Clock
 
 pytestmark = pytest.mark.redis

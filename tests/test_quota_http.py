@@ -6,15 +6,16 @@ import asyncio
 import csv
 import io
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import pytest
 
-from proxy.app import KEYSTORE, LEDGER, STORE
-from proxy.keys import KeyStore, hash_key
-from proxy.limits import Limits
+from proxy.accounts.keys import KeyStore, hash_key
+from proxy.accounts.usage import day_of
+from proxy.config.limits import Limits
+from proxy.http.app import KEYSTORE, LEDGER, STORE
 from proxy.stores.rediskeys import RedisKeys
-from proxy.usage import day_of
 from tests.conftest import Proxy, Upstream, make_settings, settle
 from tests.helpers import count_store_calls
 
@@ -205,13 +206,15 @@ async def test_admin_keys_and_teams(make_proxy: Any, upstream: Upstream, redis_u
     assert over.status == 429 and "team 'ads'" in (await over.json())["error"]["message"]
     teams = await (await admin(p, "GET", "/admin/teams")).json()
     assert {"team": "ads", "limits": {"rpm": None, "tpm": 2, "tokens_per_day": None, "tokens_per_month": None},
-            "source": "runtime"} in teams["data"]
+            "source": "runtime", "keys": 1} in teams["data"]
     bad = await admin(p, "DELETE", "/admin/teams/Not%20A%20Team")
     assert bad.status == 400 and (await bad.json())["error"]["param"] == "team"
     reset = await admin(p, "DELETE", "/admin/teams/ads")  # back to the config (none for ads): unlimited again
     assert reset.status == 200 and (await reset.json())["limits"]["tpm"] is None
     assert (await p.embed(key, {"model": MODEL, "input": "three new tokens here"})).status == 200
-    assert "ads" not in [t["team"] for t in (await (await admin(p, "GET", "/admin/teams")).json())["data"]]
+    # no limits of its own any more: listed for its key alone, with no source
+    assert [t["source"] for t in (await (await admin(p, "GET", "/admin/teams")).json())["data"]
+            if t["team"] == "ads"] == [None]
     await admin(p, "PUT", "/admin/teams/ads", {"tpm": 2})
 
     rotated = await admin(p, "POST", f"/admin/keys/{key_id}/rotate", {"grace_s": 60})
@@ -290,8 +293,9 @@ async def test_usage_report_adds_up_to_what_clients_were_told(
     for r in rows:
         assert r["upstream_tokens"] + r["cached_tokens"] == r["total_tokens"]
         price = {MODEL: 0.02, "text-embedding-3-large": 0.13}[r["model"]]
-        assert r["upstream_cost_usd"] == pytest.approx(r["upstream_tokens"] * price / 1e6, rel=1e-12)
-        assert r["saved_usd"] == pytest.approx(r["cached_tokens"] * price / 1e6, rel=1e-12)
+        for money, tokens in (("upstream_cost_usd", "upstream_tokens"), ("saved_usd", "cached_tokens")):
+            exact = Decimal(r[tokens]) * Decimal(str(price)) / 10**6  # money is text with 6 decimals, half up
+            assert r[money] == str(exact.quantize(Decimal("0.000001"), ROUND_HALF_UP))
 
     by_key = await (await admin(q, "GET", f"/admin/usage?team=search&since={today}&until={today}&by=key"
                                 "&format=csv")).text()

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.accounts.keys import KeyStore
 from proxy.config import RedisSettings
-from proxy.keys import KeyStore
 from proxy.stores.guard import Store, connect
 from proxy.stores.rediskeys import RedisKeys
 from tests.conftest import UPSTREAM_KEY, Upstream, free_port
@@ -53,7 +53,7 @@ def two_proxies(tmp_path: Path, redis_url: str, upstream: Upstream) -> Iterator[
 
 
 async def wait_ready(session: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a Python process's start-up takes seconds on a loaded 2-core machine
     while True:
         try:
             async with session.get(base + "/readyz") as resp:

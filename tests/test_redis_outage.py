@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import KEYSTORE, METRICS
+from proxy.http.app import KEYSTORE, METRICS
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.helpers import assert_same_vectors, direct, vectors
 from tests.stack import Samples, delta

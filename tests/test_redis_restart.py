@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import STORE
 from proxy.config import RedisSettings
+from proxy.http.app import STORE
 from proxy.stores.guard import Store, StoreUnavailable, connect
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder

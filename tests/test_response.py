@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from proxy.request import EmbeddingRequest
-from proxy.response import render
-from proxy.service import Outcome
+from proxy.embeddings.request import EmbeddingRequest
+from proxy.embeddings.service import Outcome
+from proxy.http.response import chunks, render
 from proxy.stores.cache import EmbeddingCache, Entry
 from proxy.stores.localcache import LocalCache
 from proxy.stores.rediskeys import RedisKeys
@@ -94,3 +94,55 @@ async def test_cache_reads_are_views_and_bad_sizes_are_misses() -> None:
     assert got[0] is not None and got[0].tokens == 2 and bytes(got[0].vector) == np.arange(3, dtype="<f4").tobytes()
     assert isinstance(got[0].vector, memoryview)
     assert got[1] is None and got[2] is None
+
+
+def test_streamed_pieces_are_the_whole_answer_byte_for_byte() -> None:
+    """`chunks` (what a large answer is streamed as) joins to exactly `render`'s bytes, for both encodings, with
+    repeats in the batch, texts kept in the in-process tier, and any piece size."""
+    rng = np.random.default_rng(5)
+    raw = [rng.standard_normal(dims, dtype=np.float32).tobytes() for dims in (1536, 1536, 1536)]
+    entries = [Entry(memoryview(b"\x05" + v)[1:], 3 + i) for i, v in enumerate(raw)]
+    outcome = Outcome(entries, [2, 0, 1, 0, 2, 2, 1], 21, 3, "partial", None, ["k0", "k1", "k2"])
+    for fmt in ("float", "base64"):
+        req = EmbeddingRequest("m", "s", list("abcdefg"), fmt, None, None)  # type: ignore[arg-type]
+        whole = render(req, outcome)
+        for size in (1, 5000, 20_000, 1 << 20):
+            pieces = list(chunks(req, outcome, None, size))
+            assert b"".join(pieces) == whole
+            if size == 1:  # a piece per vector, then the tail
+                assert len(pieces) == len(outcome.positions) + 1
+            if size == 1 << 20:
+                assert len(pieces) == 1
+            if size < len(whole) // 4:
+                assert max(map(len, pieces)) < size + 20_000  # one vector's text past the size at most
+        local = LocalCache(max_bytes=1 << 20, ttl_s=60)
+        local.put("k1", entries[1])
+        assert b"".join(chunks(req, outcome, local, 5000)) == whole
+        if fmt == "float":
+            assert local.rendered("k1") is not None  # formatted once, kept for the next answer
+            assert b"".join(chunks(req, outcome, local, 5000)) == whole
+
+
+async def test_a_streamed_answer_that_fails_midway_is_cut_not_cut_short(
+        make_proxy: Any, upstream: Any, redis_url: str, monkeypatch: Any) -> None:
+    """Once a streamed answer's 200 is sent, a failure cannot become an error answer: the connection is closed
+    before the last chunk, so the client sees a broken transfer, never a short JSON document that parses."""
+    import aiohttp
+
+    from proxy.http import stream
+    from tests.conftest import make_settings
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        yield b'{"object":"list","data":['
+        raise RuntimeError("encoding failed")
+
+    monkeypatch.setattr(stream, "chunks", failing)
+    proxy = await make_proxy(make_settings(upstream.base_url, redis_url))
+    key = await proxy.new_key()
+    resp = await proxy.embed(key, {"model": "text-embedding-3-small", "input": [f"x {k}" for k in range(100)]})
+    assert resp.status == 200 and resp.headers["Transfer-Encoding"] == "chunked"
+    try:
+        body = await resp.read()
+    except aiohttp.ClientPayloadError:
+        return
+    raise AssertionError(f"the broken answer read as complete: {body[:80]!r}")

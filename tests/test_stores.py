@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from proxy.app import LEDGER
 from proxy.config import Settings
+from proxy.http.app import LEDGER
 from proxy.stores.checks import Finding, check_stores
 from tests.conftest import Upstream, _redis_binary, free_port, make_settings, settle
 from tests.redis_servers import Server

@@ -24,11 +24,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from proxy.app import KEYSTORE, METRICS, TRACING, trace_middleware
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import ConfigError
-from proxy.otel import OtelTracing
-from proxy.tracing import NO_TRACING, traces_endpoint
+from proxy.http.app import KEYSTORE, METRICS, TRACING, trace_middleware
+from proxy.telemetry.otel import OtelTracing
+from proxy.telemetry.tracing import NO_TRACING, traces_endpoint
 from tests.conftest import UPSTREAM_KEY, Proxy, ProxyFactory, Upstream, free_port, make_settings
 from tests.helpers import until
 from tests.stack import CONFIG, create_keys, embed, start_mock, start_proxy
@@ -349,10 +349,10 @@ def test_without_an_endpoint_no_tracing_module_is_imported(tmp_path: Path) -> No
     script.write_text(f"""
 import asyncio, os, sys, threading
 from aiohttp.test_utils import TestClient, TestServer
-from proxy.app import KEYSTORE, TRACING, create_app
+from proxy.http.app import KEYSTORE, TRACING, create_app
 from proxy.config import load
-from proxy.mock_upstream import MockSettings, create_mock_app
-from proxy.tracing import NO_TRACING
+from proxy.mock.upstream import MockSettings, create_mock_app
+from proxy.telemetry.tracing import NO_TRACING
 
 async def main():
     mock = TestServer(create_mock_app(MockSettings()), host="127.0.0.1")
@@ -368,7 +368,7 @@ async def main():
     assert app[TRACING] is NO_TRACING
     # redis-py imports OpenTelemetry's API and metrics SDK when they are installed (its own observability, off);
     # the proxy's tracing is the trace SDK, its exporter, its propagator and proxy/otel.py
-    ours = ("proxy.otel", "opentelemetry.sdk.trace", "opentelemetry.exporter",
+    ours = ("proxy.telemetry.otel", "opentelemetry.sdk.trace", "opentelemetry.exporter",
             "opentelemetry.trace.propagation.tracecontext")
     print("loaded:", sorted(m for m in sys.modules if m.startswith(ours)),
           [t.name for t in threading.enumerate() if t.name.startswith("Otel")])
@@ -437,7 +437,7 @@ def test_traces_endpoint_refuses_what_the_sdk_would_refuse_or_replace(env: dict[
 def test_the_checked_config_is_what_the_sdk_is_given() -> None:
     from opentelemetry.sdk.trace import sampling
 
-    from proxy.tracingconfig import SAMPLERS, read
+    from proxy.telemetry.tracingconfig import SAMPLERS, read
 
     assert set(SAMPLERS) == set(sampling._KNOWN_SAMPLERS)  # the SDK's names, no more and no fewer
     base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318"}

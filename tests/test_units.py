@@ -10,10 +10,10 @@ import pytest
 import xxhash
 
 from proxy import config
+from proxy.accounts.keys import KeyRecord, bearer_key, generate_key, hash_key
+from proxy.embeddings.calls import chunk
+from proxy.embeddings.request import parse_request
 from proxy.errors import InvalidRequest, NotFound
-from proxy.keys import KeyRecord, bearer_key, generate_key, hash_key
-from proxy.request import parse_request
-from proxy.service import chunk
 from proxy.stores.cache import Entry, decode_entry, encode_entry
 from proxy.stores.rediskeys import DigestBuilder, RedisKeys, seed_from_secret
 from proxy.tokens import PUBLISHED_SHA256, Tokenizer, TokenizerError, parse_ranks
@@ -209,3 +209,5 @@ def test_example_config_is_valid_and_complete() -> None:
     assert s.cache_redis == default.cache_redis
     assert dict(s.models) == dict(default.models) and dict(s.upstreams) == dict(default.upstreams)
     assert s.keys == default.keys and s.quotas == default.quotas and s.usage == default.usage
+    assert s.connections == default.connections
+    assert s.admission == default.admission

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proxy.mock_upstream import HUGE_BODY_BYTES
+from proxy.mock.upstream import HUGE_BODY_BYTES
 from proxy.stores.cache import decode_entry
 from tests.conftest import Proxy, RedisServer, Upstream, settle
 from tests.helpers import assert_same_vectors, direct, vectors

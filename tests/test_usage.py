@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import csv
 import datetime as dt
+import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from fractions import Fraction
 from typing import Any
 
+import orjson
 import pytest
 from redis.crc import key_slot
 
-from proxy.app import STORE
+from proxy.accounts.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
 from proxy.config import RedisSettings
+from proxy.http.app import KEYSTORE, STORE
 from proxy.stores.guard import Store, StoreUnavailable, connect
 from proxy.stores.rediskeys import RedisKeys
-from proxy.usage import REPORT_CHUNK, UsageLedger, day_of, report_format
 from tests.conftest import Proxy, RedisServer, Upstream, make_settings, settle
 from tests.forwarder import Forwarder
 from tests.helpers import Clock
@@ -147,39 +154,141 @@ async def test_report_reads_in_bounded_chunks_with_the_operator_time_limit(store
 
     store.call = spy  # type: ignore[method-assign]
     since = dt.date(2026, 1, 1)
-    until = since + dt.timedelta(days=REPORT_CHUNK)  # REPORT_CHUNK + 1 days of one team: two pipelines
+    until = since + dt.timedelta(days=REPORT_CHUNK)  # REPORT_CHUNK + 1 days of one team, in 17 months
     assert await ledger.report("search", since, until, None, {}) == []
-    assert calls == [("usage-report", 7.0, False)] * 2
+    # one pipeline sizes the 17 month roll-ups, two read the sizes and flush marks of the months' 527 days
+    assert calls == [("usage-report", 7.0, False)] * 3
     calls.clear()
     await ledger.report(None, since, since, "key", {})  # all teams: the team index is read first
     assert calls == [("usage-report", 7.0, False)]
 
 
-async def test_money_is_exact_and_key_rows_add_up_to_the_team_row(stores: Any) -> None:
+async def test_money_is_text_with_6_decimals_and_rows_are_priced_per_model(stores: Any) -> None:
     store = stores()
     ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))
     prices = {MODEL: 0.02, "text-embedding-3-large": 0.13}
     for key_id, model, prompt, upstream in [("key_a", MODEL, 7, 3), ("key_b", MODEL, 5, 5),
-                                            ("key_c", "text-embedding-3-large", 11, 2), ("key_a", MODEL, 1, 0)]:
+                                            ("key_c", "text-embedding-3-large", 11, 2), ("key_a", MODEL, 1, 0),
+                                            ("key_d", "text-embedding-3-large", 40_000, 30_000)]:
         ledger.record("search", key_id, model, prompt, upstream)
     await ledger.flush()
     day = dt.date(2026, 11, 5)
     (team,) = await ledger.report("search", day, day, None, prices)
-    assert team["upstream_tokens"] == 10 and team["cached_tokens"] == 14
-    # 8 tokens of the small model and 2 of the large one went upstream; 5 and 9 were served from the cache
-    assert team["upstream_cost_usd"] == pytest.approx((8 * 0.02 + 2 * 0.13) / 1e6, rel=1e-12)
-    assert team["saved_usd"] == pytest.approx((5 * 0.02 + 9 * 0.13) / 1e6, rel=1e-12)
-    assert team["upstream_cost_usd"] != round(team["upstream_cost_usd"], 6)  # not rounded away to 0.0
-    by_key = await ledger.report("search", day, day, "key", prices)
-    assert [r["key"] for r in by_key] == ["key_a", "key_b", "key_c"]
-    for money in ("upstream_cost_usd", "saved_usd"):
-        assert sum(r[money] for r in by_key) == pytest.approx(team[money], rel=1e-12)
+    assert team["upstream_tokens"] == 30_010 and team["cached_tokens"] == 10_014
+    # upstream: 8 x 0.02 + 30,002 x 0.13 = 3900.42 per million; cached: 5 x 0.02 + 10,009 x 0.13 = 1301.27
+    assert (team["upstream_cost_usd"], team["saved_usd"]) == ("0.003900", "0.001301")
+    by_key = {r["key"]: r for r in await ledger.report("search", day, day, "key", prices)}
+    assert by_key["key_d"]["upstream_cost_usd"] == "0.003900" and by_key["key_d"]["saved_usd"] == "0.001300"
+    assert by_key["key_b"]["upstream_cost_usd"] == "0.000000"  # 5 x 0.02 / 1e6: below half a micro-dollar
     for count in ("requests", "upstream_tokens", "cached_tokens", "total_tokens"):
-        assert sum(r[count] for r in by_key) == team[count]
+        assert sum(r[count] for r in by_key.values()) == team[count]
     csv_row = report_format(None).csv([team]).splitlines()[1].split(",")
-    assert float(csv_row[5]) == team["upstream_cost_usd"] and float(csv_row[6]) == team["saved_usd"]
-    table = report_format(None).table([team])
-    assert "0.000000" in table  # the table alone rounds, for display
+    assert csv_row[5:7] == ["0.003900", "0.001301"]
+    assert "0.003900" in report_format(None).table([team])
+
+
+async def test_money_prints_as_6_decimals_in_csv_and_json(
+    stores: Any, make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    """2,763 upstream tokens and 14 cached at 0.02 per million: the chargeback CSV held `5.5259999999999996e-05`
+    and `2.8e-07` (repr of binary floats); now `0.000055` and `0.000000`, in CSV and JSON, CLI and admin API."""
+    ledger = UsageLedger(stores(), RedisKeys("ep"), clock=Clock(NOON))
+    ledger.record("search", "key_a", MODEL, 2_777, 2_763)
+    await ledger.flush()
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "REDIS_", "CACHE_REDIS_"))}
+    cli_env["REDIS_URL"] = redis_url
+    outputs: dict[str, str] = {}
+    for fmt in ("csv", "json", "table"):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "proxy", "usage", "--since", DAY, "--until", DAY, "--format", fmt],
+            env=cli_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        outputs[fmt] = done.stdout
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, redis_url, PROXY_ADMIN_KEY=ADMIN))
+    for fmt in ("csv", "json"):
+        resp = await p.client.get(f"/admin/usage?since={DAY}&until={DAY}&format={fmt}",
+                                  headers={"Authorization": f"Bearer {ADMIN}"})
+        assert resp.status == 200
+        outputs["admin " + fmt] = await resp.text()
+    for name in ("csv", "admin csv"):
+        (row,) = csv.DictReader(io.StringIO(outputs[name]))
+        assert (row["upstream_tokens"], row["cached_tokens"]) == ("2763", "14")
+        assert (row["upstream_cost_usd"], row["saved_usd"]) == ("0.000055", "0.000000"), name
+    for rows in (orjson.loads(outputs["json"]), orjson.loads(outputs["admin json"])["data"]):
+        assert (rows[0]["upstream_cost_usd"], rows[0]["saved_usd"]) == ("0.000055", "0.000000")  # JSON strings
+    assert "0.000055" in outputs["table"]
+    for text in outputs.values():
+        assert "e-0" not in text and "5.5259" not in text
+
+
+async def test_a_report_by_key_names_each_key_beside_its_id(
+    stores: Any, make_proxy: Any, upstream: Upstream, redis_url: str
+) -> None:
+    """Issue 18: usage by key showed key ids only. Each row by key now carries the key's name (its team is the row's
+    team): in the admin API's JSON and CSV (a last column, so the others keep their places), in the CLI's JSON and
+    CSV alike, and beside the id in the CLI's table. A key without a name has "", one whose record is gone null."""
+    p: Proxy = await make_proxy(make_settings(upstream.base_url, redis_url, PROXY_ADMIN_KEY=ADMIN))
+    keystore = p.app[KEYSTORE]
+    _, named = await keystore.create("search", name="nightly index")
+    _, unnamed = await keystore.create("search")
+    _, quoted = await keystore.create("ads", name='batch, "eu"')  # a comma and quotes: CSV must quote it
+    await keystore.create("ads", name="never used")  # not in the report: not in its rows
+    ledger = UsageLedger(stores(), RedisKeys("ep"), clock=Clock(NOON))
+    for team, key_id in [("search", named.id), ("search", unnamed.id), ("ads", quoted.id), ("ads", "key_gone")]:
+        ledger.record(team, key_id, MODEL, 10, 4)
+    await ledger.flush()
+    expected = {named.id: ("search", "nightly index"), unnamed.id: ("search", ""), quoted.id: ("ads", 'batch, "eu"'),
+                "key_gone": ("ads", None)}
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    resp = await p.client.get(f"/admin/usage?since={DAY}&until={DAY}&by=key", headers=auth)
+    assert resp.status == 200
+    rows = (await resp.json())["data"]
+    assert {r["key"]: (r["team"], r["key_name"]) for r in rows} == expected
+    resp = await p.client.get(f"/admin/usage?since={DAY}&until={DAY}&by=key&format=csv", headers=auth)
+    admin_csv = await resp.text()
+    header, *_ = admin_csv.splitlines()
+    assert header == ("team,key,requests,upstream_tokens,cached_tokens,total_tokens,upstream_cost_usd,saved_usd,"
+                      "failed_tokens,unconfirmed_tokens,key_name")  # appended: the old columns keep their places
+    assert {r["key"]: (r["team"], r["key_name"]) for r in csv.DictReader(io.StringIO(admin_csv))} == {
+        k: (team, name or "") for k, (team, name) in expected.items()}
+    by_model = await (await p.client.get(f"/admin/usage?since={DAY}&until={DAY}&by=model&format=csv",
+                                         headers=auth)).text()
+    assert "key_name" not in by_model  # only a report by key names keys
+
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "REDIS_", "CACHE_REDIS_"))}
+    cli_env["REDIS_URL"] = redis_url
+    out: dict[str, str] = {}
+    for fmt in ("json", "csv", "table"):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "proxy", "usage", "--since", DAY, "--until", DAY, "--by", "key",
+                             "--format", fmt], env=cli_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        out[fmt] = done.stdout
+    assert orjson.loads(out["json"]) == rows and out["csv"] == admin_csv  # the CLI and the API give the same rows
+    head, *lines = out["table"].splitlines()
+    assert head.split()[:4] == ["team", "key", "key_name", "requests"]  # the name beside the id
+    for key_id, (team, name) in expected.items():
+        (line,) = [ln for ln in lines if key_id in ln]
+        assert line.split(key_id)[0].split() == [team]
+        assert line.split(key_id)[1].lstrip().startswith(name or "-")
+
+
+async def test_a_sum_of_many_small_costs_is_exact(stores: Any) -> None:
+    """1,005 models at 0.1 per million, one token each: 100.5 per million, so 0.0001005, half up 0.000101. Added
+    as binary floats the same costs make 100.49999999999859 per million (0.000100)."""
+    models = [f"model-{i}" for i in range(1005)]
+    prices = dict.fromkeys(models, 0.1)
+    assert f"{sum(1 * prices[m] for m in models) / 1e6:.6f}" == "0.000100"  # the drift the report must not have
+    ledger = UsageLedger(stores(), RedisKeys("ep"), clock=Clock(NOON))
+    for m in models:
+        ledger.record("search", "key_a", m, 2, 1)  # one token upstream, one cached
+    await ledger.flush()
+    day = dt.date(2026, 11, 5)
+    (team,) = await ledger.report("search", day, day, None, prices)
+    assert team["upstream_tokens"] == 1005
+    assert (team["upstream_cost_usd"], team["saved_usd"]) == ("0.000101", "0.000101")
+    exact = Fraction(1005, 10) / 10**6  # the oracle, in rationals
+    assert Fraction(team["upstream_cost_usd"]) == Fraction(int(exact * 10**6 + Fraction(1, 2)), 10**6)
 
 
 async def test_a_slow_admin_report_does_not_take_the_cache_down(
@@ -229,7 +338,9 @@ async def test_a_flush_writes_what_was_pending_when_it_began_however_busy_the_pr
 
     async def busy(op: str, fn: Any) -> Any:
         writes.append(op)
-        if len(writes) < 50:  # bounded, so a flush that chases new usage ends too (and fails the test)
+        # during each flush's round trips (a report's, however many, record nothing); bounded, so a flush that
+        # chases new usage ends too (and fails the test)
+        if op == "usage-flush" and len(writes) < 50:
             ledger.record("search", "key_a", MODEL, prompt_tokens=1, upstream_tokens=1)
         return await real(op, fn)
 
@@ -243,7 +354,7 @@ async def test_a_flush_writes_what_was_pending_when_it_began_however_busy_the_pr
     await ledger.flush()
     assert writes == ["usage-flush"]
     rows = await ledger.report("search", dt.date(2026, 11, 5), dt.date(2026, 11, 5), None, {})
-    assert [(r["requests"], r["upstream_tokens"]) for r in rows] == [(3, 7)]  # + 1 recorded per write, twice
+    assert [(r["requests"], r["upstream_tokens"]) for r in rows] == [(2, 6)]  # + 1 recorded during the first flush
 
 
 async def test_a_report_waits_for_the_flush_only_so_long(redis_server: RedisServer, stores: Any) -> None:

@@ -3,7 +3,10 @@
 Edit this file, then run `python deploy/grafana/build_dashboards.py`; tests/test_dashboards.py checks that the
 committed JSON is what this script writes, that Grafana can load it, and that every query uses exported metrics.
 Queries filter by the `team` variable with `=~"$team"` (multi-value, "All" is `.*`) and every panel reads from the
-datasource chosen in the `datasource` variable (provisioned with the fixed uid `prometheus`).
+datasource chosen in the `datasource` variable (provisioned with the fixed uid `prometheus`). A panel whose metrics
+have no team label (latency, upstreams, the cache's lookups, Redis, processes) cannot follow the variable: its title
+ends with "(all teams)" and its description says why. Panels are grouped in rows, each row's title saying whether
+its panels follow the variable.
 """
 
 from __future__ import annotations
@@ -47,29 +50,41 @@ def _quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.95, 0.
                f"{prefix}p{int(q * 100)}") for q in qs]
 
 
+PER_TEAM = " (per team: follow the team variable)"
+ALL_TEAMS = " (all teams: no team label)"
+
 OVERVIEW: Spec = [
-    # (panel type, title, unit, queries[, field defaults such as min and max])
+    # ("row", title), then (panel type, title, unit, queries[, field defaults such as min and max])
+    ("row", "Traffic and errors" + PER_TEAM, "", []),
     ("stat", "Requests per second", "reqps", [_q(f"sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))")]),
     ("stat", "Server error ratio (5xx)", "percentunit", [_q(
         f'sum(rate(embedding_proxy_requests_total{{{T},status_class="5xx"}}[{RI}])) '
         f"/ sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))")]),
-    ("stat", "Cache hit ratio (unique inputs)", "percentunit", [_q(
-        f'sum(rate(embedding_proxy_cache_lookups_total{{result="hit"}}[{RI}])) '
-        f"/ sum(rate(embedding_proxy_cache_lookups_total[{RI}]))")]),
-    ("stat", "Proxy instances up (scrape targets)", "short", [_q('sum(up{job="embedding-proxy"})')]),
+    ("stat", "Cache hit ratio (share of tokens)", "percentunit", [_q(
+        f'sum(rate(embedding_proxy_tokens_total{{{T},source="cache"}}[{RI}])) '
+        f"/ sum(rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))")]),
     ("timeseries", "Requests by status class", "reqps", [_q(
         f"sum by (status_class) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{status_class}}")]),
     ("timeseries", "Requests by cache outcome", "reqps", [_q(
         f"sum by (cache) (rate(embedding_proxy_requests_total{{{T}}}[{RI}]))", "{{cache}}")]),
-    ("timeseries", "Request latency (4xx refusals left out)", "s",
-     _quantiles("embedding_proxy_request_duration_seconds", selector=ANSWERED)),
-    ("timeseries", "Request latency p95 by cache outcome (4xx refusals left out)", "s",
-     _quantiles("embedding_proxy_request_duration_seconds", "cache", (0.95,), ANSWERED)),
     ("timeseries", "Error ratio by status class", "percentunit", [_q(
         f'sum by (status_class) (rate(embedding_proxy_requests_total{{{T},status_class=~"4xx|5xx"}}[{RI}])) '
         f"/ ignoring(status_class) group_left sum(rate(embedding_proxy_requests_total{{{T}}}[{RI}]))",
         "{{status_class}}")]),
+    ("timeseries", "Inputs by source", "ops", [_q(
+        f"sum by (source) (rate(embedding_proxy_inputs_total{{{T}}}[{RI}]))", "{{source}}")]),
+    ("row", "Latency and load" + ALL_TEAMS, "", []),
+    ("timeseries", "Request latency (4xx refusals left out)", "s",
+     _quantiles("embedding_proxy_request_duration_seconds", selector=ANSWERED)),
+    ("timeseries", "Request latency p95 by cache outcome (4xx refusals left out)", "s",
+     _quantiles("embedding_proxy_request_duration_seconds", "cache", (0.95,), ANSWERED)),
     ("timeseries", "In-flight requests", "short", [_q("sum(embedding_proxy_requests_in_flight)", "in flight")]),
+    ("timeseries", "Batch size (inputs per request and per upstream call)", "short", [
+        *_quantiles("embedding_proxy_batch_size", qs=(0.5, 0.95)),
+        *[{**q, "legend": "upstream " + q["legend"]}
+          for q in _quantiles("embedding_proxy_upstream_batch_size", qs=(0.5, 0.95))],
+    ]),
+    ("row", "Upstreams and deployments" + ALL_TEAMS, "", []),
     ("timeseries", "Upstream calls by outcome", "reqps", [_q(
         f"sum by (model, outcome) (rate(embedding_proxy_upstream_requests_total[{RI}]))", "{{model}} {{outcome}}")]),
     # as the alert: upstream 400s (the client's own input) are not the upstream failing
@@ -96,42 +111,48 @@ OVERVIEW: Spec = [
         "{{model}} {{upstream}}")]),
     ("timeseries", "Remaining upstream capacity (x-ratelimit headers)", "short", [_q(
         "min by (model, upstream, limit) (embedding_proxy_deployment_remaining)", "{{upstream}} {{limit}}")]),
-    ("timeseries", "Waits for a deployment (rate limit reset or cooldown)", "short", [
-        _q(f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_count[{RI}]))", "{{model}} waits/s"),
-        _q(f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_sum[{RI}]))",
-           "{{model}} seconds waited/s"),
-    ]),
+    # how often requests wait for a deployment (a rate limit's reset or a cooldown), and how long: two units, two
+    # panels (the average is 0, not NaN, while nothing waits)
+    ("timeseries", "Waits for a deployment (rate limit reset or cooldown)", "reqps", [_q(
+        f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_count[{RI}]))", "{{model}}")]),
+    ("timeseries", "Average wait for a deployment", "s", [_q(
+        f"sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_sum[{RI}])) "
+        f"/ clamp_min(sum by (model) (rate(embedding_proxy_upstream_queue_wait_seconds_count[{RI}])), 1e-9)",
+        "{{model}}")]),
     ("timeseries", "Micro-batching: requests and inputs per upstream call", "short", [
         *[{**q, "legend": "requests " + q["legend"]}
           for q in _quantiles("embedding_proxy_upstream_call_requests", qs=(0.5, 0.95))],
         *[{**q, "legend": "inputs " + q["legend"]}
           for q in _quantiles("embedding_proxy_upstream_call_inputs", qs=(0.5, 0.95))],
     ]),
-    ("timeseries", "Cache lookups by result", "ops", [_q(
+    ("row", "Cache, Redis and processes" + ALL_TEAMS, "", []),
+    ("stat", "Proxy instances up (scrape targets)", "short", [_q('sum(up{job="embedding-proxy"})')]),
+    ("timeseries", "Cache lookups by result (unique inputs)", "ops", [_q(
         f"sum by (result) (rate(embedding_proxy_cache_lookups_total[{RI}]))", "{{result}}")]),
     ("timeseries", "Redis errors by operation", "ops", [
         _q(f"sum by (op) (rate(embedding_proxy_redis_errors_total[{RI}]))", "{{op}}"),
         _q(f"sum(rate(embedding_proxy_cache_write_errors_total[{RI}]))", "cache writes lost"),
     ]),
-    ("timeseries", "Inputs by source", "ops", [_q(
-        f"sum by (source) (rate(embedding_proxy_inputs_total{{{T}}}[{RI}]))", "{{source}}")]),
-    ("timeseries", "Batch size (inputs per request and per upstream call)", "short", [
-        *_quantiles("embedding_proxy_batch_size", qs=(0.5, 0.95)),
-        *[{**q, "legend": "upstream " + q["legend"]}
-          for q in _quantiles("embedding_proxy_upstream_batch_size", qs=(0.5, 0.95))],
-    ]),
     ("table", "Versions running", "short", [_q("count by (version) (embedding_proxy_build_info)", "{{version}}")]),
 ]
 
 USAGE: Spec = [
+    ("row", "Cost and savings" + PER_TEAM, "", []),
     ("stat", "Upstream cost in range (USD)", "currencyUSD", [_q(
         f"sum(increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))")]),
     ("stat", "Saved by the cache in range (USD)", "currencyUSD", [_q(
         f"sum(increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))")]),
     ("stat", "Tokens saved by the cache in range", "short", [_q(
         f"sum(increase(embedding_proxy_cache_saved_tokens_total{{{T}}}[$__range]))")]),
-    ("stat", "Quota rejections in range", "short", [_q(
-        f"sum(increase(embedding_proxy_quota_rejections_total{{{T}}}[$__range])) or vector(0)")]),
+    ("bargauge", "Upstream cost per team in range (USD)", "currencyUSD", [_q(
+        f"sum by (team) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{team}}")]),
+    ("bargauge", "Cache savings per team in range (USD)", "currencyUSD", [_q(
+        f"sum by (team) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{team}}")]),
+    ("table", "Upstream cost and cache savings per model in range (USD)", "currencyUSD", [
+        _q(f"sum by (model) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{model}} cost"),
+        _q(f"sum by (model) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{model}} saved"),
+    ]),
+    ("row", "Tokens and requests" + PER_TEAM, "", []),
     ("timeseries", "Tokens per second by team and source", "short", [_q(
         f"sum by (team, source) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}} {{source}}")]),
     ("timeseries", "Requests per second by team", "reqps", [_q(
@@ -142,19 +163,14 @@ USAGE: Spec = [
     ("table", "Requests per team and key in range", "short", [_q(
         f"sum by (team, key_id, status_class) (increase(embedding_proxy_requests_total{{{T}}}[$__range]))",
         "{{team}} {{key_id}} {{status_class}}")]),
-    ("bargauge", "Upstream cost per team in range (USD)", "currencyUSD", [_q(
-        f"sum by (team) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{team}}")]),
-    ("bargauge", "Cache savings per team in range (USD)", "currencyUSD", [_q(
-        f"sum by (team) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{team}}")]),
-    ("table", "Upstream cost and cache savings per model in range (USD)", "currencyUSD", [
-        _q(f"sum by (model) (increase(embedding_proxy_upstream_cost_usd_total{{{T}}}[$__range]))", "{{model}} cost"),
-        _q(f"sum by (model) (increase(embedding_proxy_cache_saved_usd_total{{{T}}}[$__range]))", "{{model}} saved"),
-    ]),
     ("timeseries", "Cache share of tokens by team", "percentunit", [_q(
         f'sum by (team) (rate(embedding_proxy_tokens_total{{{T},source="cache"}}[{RI}])) '
         f"/ sum by (team) (rate(embedding_proxy_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
     ("timeseries", "Tokens saved by the cache per team", "short", [_q(
         f"sum by (team) (rate(embedding_proxy_cache_saved_tokens_total{{{T}}}[{RI}]))", "{{team}}")]),
+    ("row", "Quotas" + PER_TEAM, "", []),
+    ("stat", "Quota rejections in range", "short", [_q(
+        f"sum(increase(embedding_proxy_quota_rejections_total{{{T}}}[$__range])) or vector(0)")]),
     ("bargauge", "Quota headroom (remaining / limit in the current window)", "percentunit",
      [_q(HEADROOM, "{{team}} {{key_id}} {{limit}}")], {"min": 0, "max": 1}),
     ("table", "Quota limits in force", "short", [_q(
@@ -163,6 +179,16 @@ USAGE: Spec = [
         f"sum by (team, scope, limit) (rate(embedding_proxy_quota_rejections_total{{{T}}}[{RI}]))",
         "{{team}} {{scope}} {{limit}}")]),
 ]
+
+
+GLOBAL = ("All teams: its metrics have no team label (they are counted per model, deployment or process), so the "
+          "team variable does not filter this panel.")
+PER_TEAM_NOTE = "Follows the team variable."
+
+
+def _all_teams(title: str) -> str:
+    """ "Upstream latency (retries included)" -> "Upstream latency (retries included; all teams)"."""
+    return f"{title[:-1]}; all teams)" if title.endswith(")") else f"{title} (all teams)"
 
 
 def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, str]], defaults: dict[str, Any],
@@ -175,8 +201,10 @@ def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, s
         if kind == "table":
             target["format"] = "table"
         targets.append(target)
+    per_team = any(T in q["expr"] for q in queries)
     panel: dict[str, Any] = {
-        "id": pid, "type": kind, "title": title, "datasource": DS,
+        "id": pid, "type": kind, "title": title if per_team else _all_teams(title),
+        "description": PER_TEAM_NOTE if per_team else GLOBAL, "datasource": DS,
         "gridPos": {"h": h, "w": w, "x": x, "y": y},
         "fieldConfig": {"defaults": {"unit": unit, **defaults}, "overrides": []},
         "options": {}, "targets": targets,
@@ -188,15 +216,32 @@ def _panel(pid: int, kind: str, title: str, unit: str, queries: list[dict[str, s
     return panel
 
 
+def _row(pid: int, title: str, y: int) -> dict[str, Any]:
+    return {"id": pid, "type": "row", "title": title, "collapsed": False, "panels": [],
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}}
+
+
 def _layout(spec: Spec) -> list[dict[str, Any]]:
+    """Rows across the whole width; in each, its stats side by side sharing the width (4 h), then the other panels
+    two by two (12 x 8)."""
     panels: list[dict[str, Any]] = []
-    x, y = 0, 0
+    x, y, line = 0, 0, 0  # line: the height of the panels on the current line
     for pid, (kind, title, unit, queries, *more) in enumerate(spec, start=1):
-        w, h = (6, 4) if kind == "stat" else (12, 8)
+        if kind == "row":
+            x, y, line = 0, y + line, 0
+            panels.append(_row(pid, title, y))
+            y += 1
+            stats = 0
+            for entry in spec[pid:]:
+                if entry[0] != "stat":
+                    break
+                stats += 1
+            continue
+        w, h = (max(6, 24 // stats), 4) if kind == "stat" else (12, 8)
         if x + w > 24:
-            x, y = 0, y + (4 if panels and panels[-1]["type"] == "stat" else 8)
+            x, y, line = 0, y + line, 0
         panels.append(_panel(pid, kind, title, unit, queries, more[0] if more else {}, x, y, w, h))
-        x += w
+        x, line = x + w, max(line, h)
     return panels
 
 

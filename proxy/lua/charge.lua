@@ -4,6 +4,19 @@
 -- {0, i, current value of counter i, value1, value2, ...} (every counter's current value, for the headers).
 -- Otherwise every amount is added and the reply is {1, value1, value2, ...} (the values after adding).
 -- A refused request therefore consumes nothing.
+-- ARGV after the 3 * #KEYS triples: the numbers of counters that must exist already (day and month token counters,
+-- which start from the usage ledger: proxy/accounts/quotaseed.py). If one does not, nothing changes and the reply is
+-- {-1, i, ...} (the missing ones): the caller seeds them and runs the script again. This script never creates them.
+local missing = {-1}
+for j = 3 * #KEYS + 1, #ARGV do
+  local i = tonumber(ARGV[j])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    missing[#missing + 1] = i
+  end
+end
+if #missing > 1 then
+  return missing
+end
 local values = {}
 local refused = 0
 for i = 1, #KEYS do

@@ -15,15 +15,14 @@ import asyncio
 import datetime as dt
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from redis.exceptions import ResponseError
 
 from ..config import RedisSettings
-from ..metrics import Metrics
-from ..usage import UsageLedger
+from ..telemetry.metrics import Metrics
 from .generations import CacheGenerations
 from .guard import Store, StoreUnavailable
 from .localcache import LocalCache
@@ -130,8 +129,16 @@ async def store_stats(ref: StoreRef, keys: RedisKeys) -> tuple[list[dict[str, An
         raise _unavailable(ref.role, exc) from exc
 
 
+class UsageByModel(Protocol):
+    """The usage ledger's report, as the token hit ratio reads it (proxy/accounts/usage.py's UsageLedger): a store never
+    imports the accounts above it."""
+
+    async def report(self, team: None, since: dt.date, until: dt.date, by: Literal["model"],
+                     prices: Mapping[str, float]) -> list[dict[str, Any]]: ...
+
+
 async def cache_stats(
-    stores: Sequence[StoreRef], keys: RedisKeys, generations: CacheGenerations, ledger: UsageLedger,
+    stores: Sequence[StoreRef], keys: RedisKeys, generations: CacheGenerations, ledger: UsageByModel,
     prices: dict[str, float], day: dt.date,
 ) -> dict[str, Any]:
     """The report (without the answering process's own counters). Raises StatsUnavailable."""

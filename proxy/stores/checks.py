@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from ..config import RedisSettings, Settings
+from ..config import RedisSettings, Settings, public_url
 from .topology import TopologyError, describe, masters, replicas, uses_tls
 
 
@@ -94,6 +94,21 @@ async def inspect(settings: RedisSettings, var: str) -> list[ServerFacts]:
         facts.append(dataclasses.replace(f, replica=True) if isinstance(f, ServerFacts) else
                      ServerFacts(node, None, None, None, replica=True))
     return facts
+
+
+def described_stores(settings: Settings) -> list[str]:
+    """One line per store `check_stores` checks, for `check-config`: its type and address, never a password."""
+    if not settings.redis.url:
+        return ["state store: the embedded in-process store (one process, not durable)"]
+    lines = []
+    for what, s, var in (("state store", settings.redis, "REDIS_URL"), ("cache store", settings.cache_redis,
+                                                                       "CACHE_REDIS_URL")):
+        if s.url:
+            address = ",".join(public_url(item) for item in s.url.split(",") if item.strip())
+            lines.append(f"{what} ({var}): redis ({s.type}{', tls' if uses_tls(s) else ''}) {address}")
+    if not settings.cache_redis.url:
+        lines.append("cache store: the state store")
+    return lines
 
 
 def _where(var: str, facts: ServerFacts) -> str:

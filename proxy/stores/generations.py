@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from ..limits import check_team
+from ..config.limits import check_team
 from .guard import Store, StoreUnavailable
 from .rediskeys import RedisKeys
 

@@ -25,16 +25,36 @@ from typing import Any, TypeVar
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from ..config import RedisSettings
+from ..telemetry.looplag import LoopLag
 from .topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
 _STALL_FACTOR = 0.5
+# With a LoopLag: stalls of the loop at least this long (or a fifth of the call's limit, if shorter) count as time
+# the call did not have; shorter ones are a busy loop's ordinary lateness, which Redis must be fast enough for.
+_STALL_AT_LEAST_S = 0.05
 T = TypeVar("T")
+
+
+# redis-py puts the failed command of a pipeline, key and value included, before Redis's reply: "Command # 1 (SET
+# ep:emb:... <value> EX 0) of pipeline caused error: invalid expire time in 'set' command".
+_PIPELINE_NOTE = "of pipeline caused error: "
+
+
+def failure(exc: BaseException) -> str:
+    """What went wrong, for a log line: the exception's type, and for an error reply Redis's own words
+    ("ResponseError: invalid expire time in 'set' command"), never a key or a value: not the command redis-py
+    adds to a pipeline's error, nor the arguments Redis quotes for an unknown command; one line, 200 characters."""
+    if not isinstance(exc, ResponseError):
+        return type(exc).__name__
+    text = str(exc).rpartition(_PIPELINE_NOTE)[2].strip()
+    text = text.splitlines()[0].split(", with args beginning with", 1)[0][:200] if text else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class StoreUnavailable(Exception):
@@ -68,9 +88,9 @@ def connect(settings: RedisSettings, var: str = "REDIS_URL") -> tuple[Any, bool]
         # A command is never sent twice: after a connection error it may have run (a quota charge would count
         # twice), so the error goes to Store.call. What makes a Redis restart harmless is the check of each pooled
         # connection when it is taken from the pool: one the server closed is replaced by a fresh connection
-        # before anything is sent on it. redis-py 8.1 skips that check while maintenance notifications are on,
-        # which RESP3 (its default) turns on: they are for managed clusters' failovers, which a plain Redis
-        # never sends, so they are off.
+        # before anything is sent on it. redis-py 8.1 skips that check while maintenance notifications are on
+        # (8.2 no longer does), which its default turns on: they are for managed clusters' failovers, which a
+        # plain Redis never sends, so they are off (tests/test_redispy_internals.py).
         retry=Retry(NoBackoff(), 0),
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
@@ -87,6 +107,8 @@ class Store:
         clock: Callable[[], float] = time.monotonic,
         on_error: Callable[[str], None] | None = None,
         name: str = "redis",
+        lag: LoopLag | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.embedded = embedded
@@ -101,6 +123,8 @@ class Store:
         self._retry_interval = settings.retry_interval_s
         self._clock = clock
         self._on_error = on_error
+        self._lag = lag  # how long this process's event loop was blocked (see `_stalled`)
+        self._on_event = on_event  # "bypass" when the hot path starts bypassing Redis, "stalled" (see `call`)
         self._down_until = 0.0
         self._down = False
 
@@ -119,20 +143,24 @@ class Store:
             raise StoreUnavailable("redis is marked unavailable")
         limit = self._timeout if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
+        start = loop.time()
+        deadline = start + limit
         try:
             async with asyncio.timeout_at(deadline):  # no task per call (wait_for would make one)
                 result = await fn(self.client)
         except (RedisError, RedisClusterException, TopologyError, OSError, TimeoutError) as exc:
-            # A timeout that fired well after its deadline means this process's event loop was blocked (a long
-            # computation, an overloaded process): the reply may be sitting unread. That is not Redis failing, so
-            # only this call gives up; marking Redis down would send everyone upstream and deepen the overload.
-            stalled = isinstance(exc, TimeoutError) and loop.time() - deadline > _STALL_FACTOR * limit
+            # A timeout while this process's event loop was blocked (a long computation, an overloaded process) is
+            # not Redis failing: the reply may be sitting unread. Only this call gives up; marking Redis down would
+            # send everyone upstream (paid for) and deepen the overload.
+            stalled = isinstance(exc, TimeoutError) and self._stalled(start, loop.time(), deadline, limit)
+            if stalled and self._on_event is not None:
+                self._on_event("stalled")
             if self.cluster and not isinstance(exc, TopologyError):
                 # After a connection error redis-py re-reads the cluster's slot map before its next single command,
-                # but not after one in a pipeline when no retries are configured (none are: a retry could run a
-                # command twice), and cache reads and writes are pipelines: a promoted replica would never be
-                # found. Ask for the re-read as its own commands do.
+                # but 8.1 not after one in a pipeline when no retries are configured (none are: a retry could run a
+                # command twice), and neither 8.1 nor 8.2 after a call this time limit cut short; cache reads and
+                # writes are pipelines: a promoted replica would never be found. Ask for the re-read as its own
+                # commands do (tests/test_redispy_internals.py).
                 self.client._initialize = True
             if mark_down and not stalled:
                 self._mark_down(op, exc)
@@ -147,6 +175,17 @@ class Store:
                 isinstance(x, RedisError) and not isinstance(x, NoScriptError) for x in result):
             self._count(op)  # an error reply in a pipeline (NOSCRIPT excepted: the script is simply sent again)
         return result
+
+    def _stalled(self, start: float, now: float, deadline: float, limit: float) -> bool:
+        """Whether a call that timed out at `now` lost its time to the event loop rather than to Redis: its timer
+        fired well after the deadline, or (with a LoopLag) the loop was blocked for so much of the call that Redis
+        had less than `limit` of it: a stall that began just after the command was sent and outlived the deadline
+        by a little hides a reply that came in time."""
+        if now - deadline > _STALL_FACTOR * limit:
+            return True
+        if self._lag is None:
+            return False
+        return now - start - self._lag.blocked(start, now, at_least=min(_STALL_AT_LEAST_S, limit / 5)) < limit
 
     async def operator_call(self, op: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """`call` for operator work (admin API, CLI, reports, ledger flushes): `operator_timeout_s`, and its
@@ -169,8 +208,10 @@ class Store:
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         if not self._down:
-            log.warning("%s %s failed (%s); bypassing it for %.1fs at a time", self.name, op, type(exc).__name__,
+            log.warning("%s %s failed (%s); bypassing it for %.1fs at a time", self.name, op, failure(exc),
                         self._retry_interval)
+            if self._on_event is not None:
+                self._on_event("bypass")
         self._down = True
         self._down_until = self._clock() + self._retry_interval
         self._count(op)

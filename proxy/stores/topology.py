@@ -215,7 +215,7 @@ def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any)
         sentinel_kw["password"] = settings.sentinel_password
     if settings.tls:
         sentinel_kw["ssl"] = True
-    sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kw, **kw)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kw, **kw)
     master = sentinel.master_for(endpoint.master, redis_class=_SentinelMaster, connection_pool_class=_MasterPool)
     master.sentinel_manager = sentinel
     return master

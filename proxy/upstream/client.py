@@ -5,8 +5,21 @@ deployments. Each attempt goes to the deployment the router picks (router.py); a
 deployment not tried yet when one can take the call now, else it is a retry of the same ones with backoff
 (`max_retries`). When none can take the call now (cooling down, paused by a 429, or out of room by its rate-limit
 headers), the call waits for the first that can, if that is within the deadline (and within `max_queue_wait_s` for
-a rate limit); otherwise the proxy answers 429 or 503 with Retry-After, without an upstream call. An upstream 400
-is the client's input: relayed, and no failure of the deployment.
+a rate limit); otherwise the proxy answers 429 or 503 with Retry-After, without an upstream call. An upstream 4xx
+about the request (400, 422, ...) is the client's input: relayed, and no failure of the deployment.
+
+What a failed attempt may have cost is reported to the caller (`on_lost`): the usage of an answer the checks
+refused ("failed"), or the local counts of an attempt sent and never answered, or answered unreadably
+("unconfirmed").
+
+Each attempt first takes one of its upstream's `max_concurrency` slots, waiting for one within the deadline (504
+at the deadline, nothing sent); its time limit and pacing budget count from when it holds the slot, and a call
+whose requests all gave up meanwhile (their tasks cancelled), or with less than 50 ms of its deadline left, is not
+sent.
+
+This module is the loop of one call, in named steps (`_choose`, `_after_failure`, `_send`); the pieces it runs
+live beside it: the slots (permits.py), one attempt (attempt.py), what the call remembers between attempts and the
+retry, failover and backoff decisions (callstate.py), a failed attempt and its cost (failures.py).
 """
 
 from __future__ import annotations
@@ -17,20 +30,28 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..config import Settings
-from ..errors import InvalidRequest, ProxyError, RateLimited, ServiceUnavailable, UpstreamTimeout
-from ..metrics import Metrics, upstream_error_kind
-from ..tracing import NO_TRACING, Span, Tracing
-from .batching import MicroBatcher, Served
-from .http import RetryableError, UpstreamClient, UpstreamResult, answer_limit, parse_answer, usage_tokens
-from .kinds import make_body
-from .router import Choice, Deployment, Router
+from ..errors import InvalidRequest, ProxyError, UpstreamTimeout
+from ..telemetry.metrics import Metrics
+from ..telemetry.tracing import NO_TRACING, Tracing
+from . import status
+from .attempt import Attempts
+from .batching import Lost, MicroBatcher, Served
+from .callstate import CallState, refusal
+from .failures import Failure, report_lost
+from .http import UpstreamClient, UpstreamResult
+from .kinds import Outgoing, make_body
+from .limiting import Limiter, SharedLimits, Ticket
+from .permits import PAST_DEADLINE, CallAbandoned, Slots
+from .router import Deployment, Router
+from .sharing import PROBE_HOLD_MARGIN_S, SharedHealth
+
+__all__ = ["SERVED_BY", "CallAbandoned", "FleetClient"]
 
 log = logging.getLogger("proxy.upstream")
-_MAX_BACKOFF_S = 5.0
 
 # The upstreams that answered for the current request (its access line names them): set per request by the
 # handler, appended to by each of its upstream calls (their tasks inherit the request's context).
@@ -51,7 +72,6 @@ class FleetClient:
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._settings = settings
-        self._tracing = tracing
         self._http = UpstreamClient(settings)  # the connection pool and the per-attempt POST
         self._rng = rng or random.Random()
         self._sleep = sleep
@@ -59,15 +79,26 @@ class FleetClient:
         self._on_retry = on_retry
         self._metrics = metrics
         self.router = Router(settings, self._rng)
-        self._permits = {name: asyncio.Semaphore(u.max_concurrency) for name, u in settings.upstreams.items()}
-        self._batcher = MicroBatcher(self._call, self._limits, self._observe_call, tracing) if batching else None
+        self._slots = Slots(settings, clock, metrics)  # each upstream's max_concurrency
+        self.limiter = Limiter()  # fleet-wide limits per deployment (limiting.py)
+        self._attempts = Attempts(self._http, self.router, clock, metrics, tracing)
+        self._batcher = MicroBatcher(self._call, self._limits, self._observe_call, tracing,
+                                     on_mismatch=self._observe_mismatch) if batching else None
+        self._mismatched: set[str] = set()  # models whose usage mismatch was logged
         if metrics is not None:
             metrics.register_fleet([(d.model, d.upstream) for d in self.router.deployments()], self.refresh_gauges)
+            self.router.on_steered = lambda d: metrics.add(metrics.upstream_silent_steered, d.model, d.upstream)
 
     async def start(self) -> None:
         await self._http.start()
 
+    def now(self) -> float:
+        """The clock deadlines are counted on (`embed`'s `asked`)."""
+        return self._clock()
+
     async def close(self) -> None:
+        await self.router.share.settle()  # health bookings under way land before the stores close
+        await self.limiter.settle(final=True)  # and the leases given back
         await self._http.close()
 
     async def embed(
@@ -79,15 +110,29 @@ class FleetClient:
         user: str | None,
         *,
         team: str | None = None,
+        on_lost: Callable[[str, int], None] | None = None,
+        asked: float | None = None,
+        gave_up: Callable[[], bool] | None = None,
+        input_type: str | None = None,
     ) -> UpstreamResult:
-        """`team`: the requesting key's team; calls merge only within a team (their usage is shared by counts)."""
-        asked = self._clock()
+        """`team`: the requesting key's team; calls merge only within a team (their usage is shared by counts).
+        `on_lost(column, tokens)`: what failed attempts carrying these inputs may have cost ("failed" or
+        "unconfirmed", see the module's doc), as they happen.
+        `asked`: when the request first asked (`now()`; default: now), from which its deadline counts, also when it
+        sends inputs again; `gave_up()`: whether the request gave up (a call nobody waits for is not sent);
+        `input_type`: the portable input type the inputs are embedded as (mapped per provider by kinds/)."""
+        asked = self._clock() if asked is None else asked
         if self._batcher is not None and self._settings.models[model].micro_batching:
             result, served = await self._batcher.submit(model, inputs, local_counts, dimensions, user, team=team,
-                                                        asked=asked)
+                                                        asked=asked, on_lost=on_lost, gave_up=gave_up,
+                                                        input_type=input_type)
         else:
             self._observe_call(model, 1, len(inputs))
-            result, served = await self._call(model, inputs, list(local_counts), dimensions, user, asked)
+            lost = None if on_lost is None else (lambda column, tokens: on_lost(column, sum(tokens)))
+            result, served = await self._call(model, inputs, list(local_counts), dimensions, user, asked, lost,
+                                              gave_up, input_type)
+        if (difference := sum(result.tokens) - sum(local_counts)) and model not in self._mismatched:
+            self._warn_mismatch(model, difference)  # a call of this request alone: the upstream's count is billed
         names = SERVED_BY.get()
         if names is not None and served not in names:
             names.append(served)
@@ -98,7 +143,8 @@ class FleetClient:
         per window any of its deployments allows by its headers (a larger call could never fit anywhere: sent, it
         would only be answered 429). Without a known limit on some deployment, the upstream decides."""
         spec = self._settings.models[model]
-        allowed = max((d.budget.tokens.limit or math.inf for d in self.router.models[model]), default=math.inf)
+        allowed = max((min(d.budget.tokens.limit or math.inf, d.limits[1] or math.inf)
+                       for d in self.router.models[model]), default=math.inf)
         tokens = spec.max_batch_tokens if math.isinf(allowed) else min(spec.max_batch_tokens, int(allowed))
         return spec.max_batch_items, max(tokens, 1)
 
@@ -106,132 +152,134 @@ class FleetClient:
         if self._metrics is not None:
             self._metrics.observe_merged_call(model, callers, inputs)
 
+    def _observe_mismatch(self, model: str, difference: int) -> None:
+        """A merged call's usage differed from its local counts by `difference` tokens, told to no client (more:
+        the callers' failed tokens, batching.py)."""
+        if self._metrics is not None:
+            self._metrics.add(self._metrics.usage_mismatch_tokens, model, "over" if difference > 0 else "under",
+                              amount=abs(difference))
+        if model not in self._mismatched:
+            self._warn_mismatch(model, difference)
+
+    def _warn_mismatch(self, model: str, difference: int) -> None:
+        """Once per model and process: its server does not count tokens as its tokenizer setting says."""
+        self._mismatched.add(model)
+        log.warning("model %s: the upstream's usage differs from the local token counts (by %+d tokens in one "
+                    "call): check the model's tokenizer and count_special_tokens, and how its server counts "
+                    "(README, self-hosted models)", model, difference)
+
     async def _call(
         self, model: str, inputs: list[str] | list[list[int]], counts: list[int], dimensions: int | None,
-        user: str | None, asked: float,
+        user: str | None, asked: float, lost: Lost | None = None, gave_up: Callable[[], bool] | None = None,
+        input_type: str | None = None,
     ) -> Served:
-        """One upstream call for requests the earliest of which asked at `asked` (its deadline counts from then)."""
+        """One upstream call for requests the earliest of which asked at `asked` (its deadline counts from then);
+        `lost` sees, per input, what each failed attempt may have cost; `gave_up()` says whether every one of them
+        gave up (then it is not sent). Its steps: choose a deployment (or wait for one), decide what follows a
+        failed attempt, attempt holding a slot, remember the failure."""
         spec = self._settings.models[model]
         deployments = self.router.models[model]
-        deadline = asked + max(d.settings.deadline_s for d in deployments)
-        retries = max(d.settings.max_retries for d in deployments)
+        call = CallState(deadline=asked + max(d.settings.deadline_s for d in deployments),
+                         retries=max(d.settings.max_retries for d in deployments))
         tokens = sum(counts)
         dims = dimensions or spec.dimensions
-        tried: dict[str, int] = {}  # upstream -> attempts in this call
-        refused: set[str] = set()  # deployments that refused this call for good (credentials)
         payloads: dict[tuple[str, str], bytes] = {}  # one body per kind and upstream model name
-        error: ProxyError | None = None
-        retry_after: float | None = None
-        previous: Deployment | None = None
-        # After any sleep the deployment is chosen again (cooldowns and budgets change meanwhile). A wait for a
-        # deployment to come back (or for a rate limit's reset) is followed by an attempt, retries left or not: a
-        # wait that ends without a call would be for nothing. A backoff's retry was counted before its sleep.
-        waited = backed_off = False
-        rate_waited = 0.0  # max_queue_wait_s bounds this call's waits for rate limits in all, not each
+        # After any sleep the deployment is chosen again (cooldowns and budgets change meanwhile).
         while True:
-            now = self._clock()
-            if now >= deadline:
-                raise UpstreamTimeout("The upstream did not answer within the proxy's deadline.")
-            choice = self.router.choose(model, tokens, now, tried, refused)
-            d = choice.deployment
-            if d is None:
-                max_wait = choice.max_wait - rate_waited if choice.rate_limited else choice.max_wait
-                if choice.wait > max_wait or choice.wait >= deadline - now:
-                    raise self._refusal(model, choice, error)
-                await self._queue(model, choice.wait)
-                if choice.rate_limited:
-                    rate_waited += choice.wait
-                waited = True
-                continue
-            if error is not None and not backed_off:
-                assert previous is not None
-                if d.upstream not in tried:  # a failover, at once
-                    self._retrying(model, sum(tried.values()), error, 0.0)
-                    if self._metrics is not None:
-                        self._metrics.add(self._metrics.upstream_failovers, model, previous.upstream)
-                elif waited:  # it came back: try it
-                    retries = max(retries - 1, 0)
-                    self._retrying(model, sum(tried.values()), error, 0.0)
-                else:  # every deployment that can take the call has failed it: a retry, after a backoff
-                    if retries == 0:
-                        raise error
-                    retries -= 1
-                    used = max(d.settings.max_retries - retries - 1, 0)
-                    wait = retry_after if retry_after is not None else self._rng.uniform(
-                        0, min(_MAX_BACKOFF_S, d.settings.backoff_base_s * 2**used))
-                    if wait >= deadline - now:  # no use waiting past the deadline: fail now
-                        raise error
-                    self._retrying(model, sum(tried.values()), error, wait)
-                    await self._sleep(wait)
-                    backed_off = True
-                    continue
-            waited = backed_off = False
-            tried[d.upstream] = tried.get(d.upstream, 0) + 1
+            chosen = await self._choose(model, tokens, call)
+            if chosen is None:
+                continue  # it waited for a deployment to be able to take the call
+            d, now = chosen
+            if call.error is not None and not call.backed_off and await self._after_failure(model, d, now, call):
+                continue  # it backed off
+            call.waited = call.backed_off = False
             shape = (d.settings.kind, d.upstream_model)
             if shape not in payloads:
-                payloads[shape] = make_body(d.settings, d.upstream_model, inputs, spec.upstream_base64, dimensions,
-                                            user)
-            outcome = await self._attempt(d, payloads[shape], tokens, counts, dims,
-                                          min(d.settings.attempt_timeout_s, deadline - self._clock()))
+                payloads[shape] = make_body(d.settings, d.upstream_model, Outgoing(
+                    inputs, spec.upstream_base64, dimensions, user, input_type, spec.provider_truncation))
+            outcome = await self._send(d, payloads[shape], tokens, inputs, counts, dims, call, gave_up)
+            if outcome is None:
+                call.backed_off = True  # paused or out of room while this call waited: choose again (a retry was
+                continue  # counted already)
             if isinstance(outcome, UpstreamResult):
                 return outcome, d.upstream
-            previous, error, retry_after = d, outcome.error, outcome.retry_after
-            if outcome.final:
-                if isinstance(outcome.error, InvalidRequest) or d.solo:
-                    raise outcome.error
-                refused.add(d.upstream)
+            report_lost(self._metrics, d, outcome, counts, lost)
+            call.failed(d, outcome)
 
-    async def _attempt(
-        self, d: Deployment, payload: bytes, tokens: int, counts: Sequence[int], dims: int, limit_s: float,
-    ) -> UpstreamResult | _Failure:
-        """The checked answer (vectors, per-input tokens within the usage bounds), or what went wrong."""
-        with self._tracing.upstream_span(d, len(counts)) as span:  # a CLIENT span, sent upstream as traceparent
-            outcome = await self._attempt_in(d, payload, tokens, counts, dims, limit_s, span)
-            if span.is_recording():
-                if isinstance(outcome, UpstreamResult):
-                    span.set_attribute("gen_ai.usage.input_tokens", sum(outcome.tokens))
-                else:
-                    span.fail(upstream_error_kind(outcome.error))
-            return outcome
+    async def _choose(self, model: str, tokens: int, call: CallState) -> tuple[Deployment, float] | None:
+        """The deployment for the next attempt and the time now; None after waiting for one to be able to take the
+        call (it is chosen again then). UpstreamTimeout past the deadline; the refusal when none can take the call
+        within the deadline (and `max_queue_wait_s`, for a rate limit), without an upstream call."""
+        now = self._clock()
+        if now >= call.deadline:
+            raise UpstreamTimeout(PAST_DEADLINE)
+        choice = self.router.choose(model, tokens, now, call.tried, call.refused)
+        if choice.deployment is not None:
+            return choice.deployment, now
+        if not call.may_wait(choice, now):
+            raise refusal(model, choice, call.error)
+        await self._queue(model, choice.wait)
+        call.waited_for(choice)
+        return None
 
-    async def _attempt_in(
-        self, d: Deployment, payload: bytes, tokens: int, counts: Sequence[int], dims: int, limit_s: float,
-        span: Span,
-    ) -> UpstreamResult | _Failure:
-        budget = d.budget
-        budget.take(tokens, self._clock())
+    async def _after_failure(self, model: str, d: Deployment, now: float, call: CallState) -> bool:
+        """The last attempt failed and `d` is chosen next: a failover (counted), a retry, or a backoff's sleep
+        (True: choose again after it); raises the last error when the call gives up (callstate.py)."""
+        step, wait = call.after_failure(d, now, self._rng)
+        assert call.error is not None and call.previous is not None
+        self._retrying(model, call.attempts, call.error, wait)
+        if step == "failover" and self._metrics is not None:
+            self._metrics.add(self._metrics.upstream_failovers, model, call.previous.upstream)
+        if step != "backoff":
+            return False
+        await self._sleep(wait)
+        call.backed_off = True
+        return True
 
-        def on_headers(status: int, headers: Mapping[str, str]) -> None:
-            budget.observe(headers, self._clock(), tokens)
-            span.set_attribute("http.response.status_code", status)
-
-        m = self._metrics
-        started = time.perf_counter()
+    async def _send(
+        self, d: Deployment, payload: bytes, tokens: int, inputs: Sequence[str | list[int]], counts: Sequence[int],
+        dims: int, call: CallState, gave_up: Callable[[], bool] | None,
+    ) -> UpstreamResult | Failure | None:
+        """The attempt at `d`, holding one of its upstream's slots, sent only while still worth it (permits.py);
+        it goes as the pause's probe when one is due (router.py). None: `d` was paused or ran out of room while the
+        call waited for the slot (nothing sent)."""
+        probe, answered = False, None  # answered: whether the probe was answered (None: no outcome, cancelled)
+        ticket: Ticket | None = None
+        outcome: UpstreamResult | Failure | None = None
+        sent = False  # the attempt went out: cancelled before its outcome, the upstream may have counted it
+        await self._slots.take(d, call.deadline)
         try:
-            async with self._permits[d.upstream]:
-                target = d.target if not self._tracing.enabled else (
-                    d.target[0], self._tracing.upstream_headers(d.target[1]), d.target[2])
-                raw = await self._http.post(target, payload, limit_s, answer_limit(len(counts), dims), on_headers)
-            vectors, usage = parse_answer(raw, len(counts), dims)
-            answer = UpstreamResult(vectors, usage_tokens(usage, counts))
-        except RetryableError as exc:
-            failure = _Failure(exc.error, exc.retry_after, final=False)
-        except ProxyError as exc:  # 400 (relayed), refused credentials, other statuses: not worth a retry here
-            failure = _Failure(exc, None, final=True)
-        else:
-            self.router.succeeded(d)
-            if m is not None:
-                m.observe_deployment(d.model, d.upstream, "ok", time.perf_counter() - started)
-            return answer
+            now = self._slots.check(d, call.deadline, gave_up)
+            probe = d.probe_due(now)  # paused or past a cooldown: this call goes as its probe (router.py)
+            if not probe and (d.down_for(now) > 0 or d.rate_wait(tokens, now) > 0):
+                return None
+            if self.limiter.wanted(d):  # reserved fleet-wide first (limiting.py): no room, choose again
+                ticket = await self.limiter.reserve(d, tokens, now)
+                if ticket is None:
+                    return None
+            if probe:  # claimed fleet-wide first (sharing.py): a claim refused, another process probes it
+                probe = False
+                if not await self.router.share.claim_probe(d, d.settings.attempt_timeout_s):
+                    return None
+                probe = True
+                self.router.probe_started(d, now + d.settings.attempt_timeout_s + PROBE_HOLD_MARGIN_S)
+            call.tried[d.upstream] = call.tried.get(d.upstream, 0) + 1
+            sent = True
+            outcome = await self._attempts.run(d, payload, tokens, inputs, counts, dims,
+                                               min(d.settings.attempt_timeout_s, call.deadline - now),
+                                               None if ticket is None else ticket.hear)
+            # A 4xx about the request is an answer, not a 429: the upstream takes calls again (the client's
+            # input says nothing against the deployment, and must not keep it paused for everyone).
+            answered = isinstance(outcome, UpstreamResult) or isinstance(outcome.error, InvalidRequest)
+            return outcome
         finally:
-            budget.done(tokens)
-        kind = upstream_error_kind(failure.error)
-        if kind != "invalid_request" and self.router.failed(d, kind, self._clock(), failure.retry_after):
-            log.warning("upstream %s (model %s) is cooling down for %gs after %d failed calls in a row (%s)",
-                        d.upstream, d.model, d.settings.cooldown_s, d.settings.allowed_fails, kind)
-        if m is not None:
-            m.observe_deployment(d.model, d.upstream, kind, time.perf_counter() - started)
-        return failure
+            self._slots.release(d)
+            if ticket is not None:
+                self.limiter.done(d, ticket, tokens if sent and outcome is None else billed(outcome, tokens))
+            if probe:
+                self.router.share.tell(d, "probed", -1.0 if answered is None else float(answered))
+            if probe and self.router.probe_done(d, answered, self._clock()):
+                log.warning("upstream %s (model %s) answered its probe: it is back", d.upstream, d.model)
 
     def _retrying(self, model: str, attempts: int, error: ProxyError, wait: float) -> None:
         if self._on_retry is not None:
@@ -243,58 +291,38 @@ class FleetClient:
             self._metrics.child(self._metrics.upstream_queue_wait, model).observe(wait)
         await self._sleep(wait)
 
-    @staticmethod
-    def _refusal(model: str, choice: Choice, error: ProxyError | None) -> ProxyError:
-        if math.isinf(choice.wait):
-            return error or ServiceUnavailable(f"No upstream deployment of '{model}' can take the call.")
-        if choice.rate_limited:
-            return RateLimited(
-                f"Every upstream deployment of '{model}' is at its rate limit for {choice.wait:.1f}s more; "
-                "please retry after that.", retry_after=choice.wait)
-        return ServiceUnavailable(
-            f"Every upstream deployment of '{model}' is cooling down after failures for {choice.wait:.1f}s more; "
-            "please retry after that.", retry_after=choice.wait)
+    def share_limits(self, shared: SharedLimits) -> None:
+        """Reserve limited deployments' calls in the fleet's store (limiting.py)."""
+        self.limiter.shared = shared
+
+    def share_health(self, shared: SharedHealth) -> list[tuple[str, str]]:
+        """Book health in the fleet's store too (sharing.py); the (model, upstream) pairs it serves."""
+        self.router.share.shared = shared
+        return [(d.model, d.upstream) for d in self.router.deployments()]
+
+    def apply_health(self, model: str, upstream: str, fails: int, cool_in: float, paused_in: float, probe_in: float,
+                     held_in: float, silent: bool = False) -> None:
+        """The fleet's state of a deployment (seconds from now: cooldown, pause, probe due, probe held; whether it
+        is silent)."""
+        self.router.apply(model, upstream, fails, cool_in, paused_in, probe_in, held_in, self._clock(), silent)
 
     def refresh_gauges(self) -> None:
         """Cooldown and remaining-capacity gauges, as of now (before every scrape and every second)."""
-        m = self._metrics
-        if m is None:
-            return
-        now = self._clock()
-        for d in self.router.deployments():
-            m.child(m.upstream_cooldown, d.model, d.upstream).set(1 if d.cooling(now) else 0)
-            requests, tokens = d.budget.remaining(now)
-            if requests is not None:
-                m.child(m.upstream_remaining, d.model, d.upstream, "requests").set(requests)
-            if tokens is not None:
-                m.child(m.upstream_remaining, d.model, d.upstream, "tokens").set(tokens)
+        if self._metrics is not None:
+            status.refresh_gauges(self._metrics, self.router.deployments(), self._clock(), self.limiter.fleet)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Each deployment's state, for GET /admin/upstreams and `embedding-proxy upstreams`."""
-        now, wall = self._clock(), time.time()
-
-        def at(t: float) -> float | None:
-            return round(wall + (t - now), 3) if t > now else None
-
-        out = []
-        for d in self.router.deployments():
-            requests, tokens = d.budget.remaining(now)
-            state = "cooling_down" if d.cooling(now) else ("paused" if d.paused_until > now else "healthy")
-            out.append({
-                "model": d.model, "upstream": d.upstream, "kind": d.settings.kind,
-                "upstream_model": d.upstream_model, "weight": d.weight, "priority": d.priority, "state": state,
-                "cooling_down_until": at(d.cool_until), "paused_until": at(d.paused_until),
-                "consecutive_failures": d.fails, "cooldowns": d.cooldowns,
-                "last_error": d.last_error or None, "last_error_at": round(wall - (now - d.last_error_at), 3)
-                if d.last_error else None,
-                "remaining_requests": requests, "remaining_tokens": tokens,
-                "requests_reset_at": at(d.budget.requests.reset_at), "tokens_reset_at": at(d.budget.tokens.reset_at),
-            })
-        return out
+        return status.snapshot(self.router.deployments(), self._clock(), time.time())
 
 
-class _Failure:
-    __slots__ = ("error", "final", "retry_after")
-
-    def __init__(self, error: ProxyError, retry_after: float | None, *, final: bool) -> None:
-        self.error, self.retry_after, self.final = error, retry_after, final
+def billed(outcome: UpstreamResult | Failure | None, tokens: int) -> int:
+    """What an attempt of `tokens` cost by the upstream's account: an answer's usage, a refused answer's, the local
+    counts when it may have been billed unseen, else nothing (never sent, or refused: a 429, a 5xx)."""
+    if isinstance(outcome, UpstreamResult):
+        return sum(outcome.tokens)
+    if outcome is None:
+        return 0
+    if outcome.billed is not None:
+        return sum(outcome.billed)
+    return tokens if outcome.unconfirmed else 0

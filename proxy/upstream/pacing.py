@@ -39,7 +39,7 @@ def parse_duration(text: str) -> float | None:
     return min(value, _MAX_RESET_S)
 
 
-def _int(headers: Mapping[str, str], name: str) -> int | None:
+def header_int(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
     if value is None:
         return None
@@ -48,6 +48,13 @@ def _int(headers: Mapping[str, str], name: str) -> int | None:
     except ValueError:
         return None
     return n if n >= 0 else None
+
+
+def rate_headers(headers: Mapping[str, str], name: str) -> tuple[int | None, float | None, int | None]:
+    """Remaining, seconds to reset and limit of `name` (requests or tokens), as an answer's headers say (None: not)."""
+    return (header_int(headers, f"x-ratelimit-remaining-{name}"),
+            parse_duration(headers.get(f"x-ratelimit-reset-{name}", "")),
+            header_int(headers, f"x-ratelimit-limit-{name}"))
 
 
 class _Limit:
@@ -62,13 +69,12 @@ class _Limit:
         self.window = 0.0  # the longest reset the upstream named: how long a full window lasts, at most
 
     def observe(self, headers: Mapping[str, str], name: str, now: float, in_flight: int) -> None:
-        remaining = _int(headers, f"x-ratelimit-remaining-{name}")
+        remaining, reset, limit = rate_headers(headers, name)
         if remaining is None:
             return
-        self.limit = _int(headers, f"x-ratelimit-limit-{name}") or self.limit
+        self.limit = limit or self.limit
         # Calls still in flight were most likely not counted yet by the upstream when it answered this one.
         self.remaining = max(0, remaining - in_flight)
-        reset = parse_duration(headers.get(f"x-ratelimit-reset-{name}", ""))
         self.reset_at = now + reset if reset is not None else now
         self.window = max(self.window, reset or 0.0)
 

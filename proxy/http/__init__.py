@@ -1,0 +1,1 @@
+"""The HTTP layer: the app and its middlewares, the /v1 and admin handlers, bodies, routes, answers."""

@@ -1,0 +1,1 @@
+"""The mock upstream (`embedding-proxy mock-upstream`): a deterministic OpenAI-shaped server and its faults."""

@@ -1,0 +1,87 @@
+"""Whether a deployment has gone silent: a call in flight to it for `silent_after_s` and no answer since it was sent.
+
+A deployment that hangs (accepts, never answers) costs every call sent to it until the first one times out: the
+cooldown only knows of failures, which take `attempt_timeout_s` to come. Silence is seen sooner: this process's
+calls to a deployment are kept here from the moment each is sent, and any answer from it (a success, an error
+status, a 429, a refused or reset connection: anything but our own timeout) covers every call sent before it. The
+oldest call sent since the last answer and still in flight says for how long the deployment has been silent.
+
+How long is too long (`threshold`): the upstream's `silent_after_s`, or adaptive, as TCP's retransmission timeout
+(RFC 6298): the smoothed answer time plus 4 x its smoothed deviation (gains 1/8 and 1/4 per answer), and at least
+twice the smoothed answer time and 0.1 s more than it (a deployment whose answers are very regular has almost no
+deviation: a little jitter on a loaded machine must not read as silence), and 1 s until this process has heard the
+deployment answer once; never more than `attempt_timeout_s` (an attempt that timed out unanswered is silence too).
+One slow answer (a large batch, a new connection) widens it at once and is forgotten over the next few answers; a
+decaying maximum was tried first and kept a first call's connection set-up in the threshold for minutes. Under
+traffic, answers keep coming from a slow deployment that works, so a slow call is not silence; a lone slow call may
+look like it, which only shifts calls to another deployment until it answers (router.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..config import UpstreamSettings
+
+SILENT_FLOOR_S = 0.1  # the adaptive threshold's least margin over the smoothed answer time: a busy loop's stalls
+DEVIATIONS = 4.0  # the adaptive threshold: the smoothed answer time plus this many smoothed deviations (RFC 6298's K)
+GAIN, DEVIATION_GAIN = 0.125, 0.25  # RFC 6298's alpha and beta
+COLD_S = 1.0  # the adaptive threshold before any answer was heard (RFC 6298's initial RTO)
+
+
+class Silence:
+    """This process's calls in flight to one deployment, and how long its answers take."""
+
+    __slots__ = ("_next", "_unheard", "deviation", "smoothed")
+
+    def __init__(self) -> None:
+        self._unheard: dict[int, float] = {}  # calls sent since the last answer, still in flight: send times, in order
+        self._next = 0
+        self.smoothed: float | None = None  # the smoothed answer time (None: no answer heard yet)
+        self.deviation = 0.0  # its smoothed deviation
+
+    def sent(self, now: float) -> int:
+        """A call goes out now: its token, for `ended`."""
+        self._next += 1
+        self._unheard[self._next] = now
+        return self._next
+
+    def heard(self, took: float) -> None:
+        """The deployment answered this process (after `took` seconds): every call sent before it is covered."""
+        self.covered()
+        took = max(took, 0.0)
+        if self.smoothed is None:
+            self.smoothed, self.deviation = took, took / 2
+        else:
+            self.deviation += DEVIATION_GAIN * (abs(self.smoothed - took) - self.deviation)
+            self.smoothed += GAIN * (took - self.smoothed)
+
+    def covered(self) -> None:
+        """The deployment answered (another process: the fleet said so): the calls in flight are covered."""
+        self._unheard.clear()
+
+    def ended(self, token: int) -> bool:
+        """The call is done; whether nothing was heard from the deployment since it was sent."""
+        return self._unheard.pop(token, None) is not None
+
+    def since(self) -> float | None:
+        """When the oldest call in flight that no answer has covered was sent (None: none)."""
+        return next(iter(self._unheard.values()), None)
+
+    def threshold(self, settings: UpstreamSettings) -> float:
+        """How long a call may go unanswered before the deployment is silent (inf: never)."""
+        fixed = settings.silent_after_s
+        if fixed == 0:
+            return math.inf
+        if fixed is not None:
+            after = fixed
+        elif self.smoothed is None:
+            after = COLD_S
+        else:
+            after = self.smoothed + max(DEVIATIONS * self.deviation, self.smoothed, SILENT_FLOOR_S)
+        return min(after, settings.attempt_timeout_s)
+
+    def silent(self, settings: UpstreamSettings, now: float) -> float | None:
+        """When the call that makes the deployment silent now was sent (None: it is not silent)."""
+        since = self.since()
+        return since if since is not None and now - since >= self.threshold(settings) else None

@@ -1,0 +1,214 @@
+"""Issue 21, point 6: long admin work (usage reports over many days and keys, key lists) reaches the event loop in
+bounded pieces. Before, a report read up to 500 days in one pipeline (300 keys x 5 fields: 750,000 fields in one
+reply, parsed and added up without a pause) and a key list read every record in one go.
+The same against a real proxy process with live traffic: tests/test_report_beside_traffic.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import functools
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.accounts import usagereport
+from proxy.accounts.keyindex import LIST_CHUNK
+from proxy.accounts.keys import KeyStore
+from proxy.accounts.slices import mapped
+from proxy.accounts.usage import UsageLedger
+from proxy.accounts.usagereport import REPORT_FIELDS_PER_READ, Tally, parts
+from proxy.config import RedisSettings
+from proxy.stores.guard import Store, connect
+from proxy.stores.rediskeys import RedisKeys
+from tests.conftest import RedisServer
+from tests.helpers import Clock
+from tests.redis_servers import Cluster
+from tests.test_report_beside_traffic import write_ledger
+
+pytestmark = pytest.mark.redis
+PRICES = {"m-small": 0.02, "m-large": 0.13}
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    settings = RedisSettings(url=redis_url)
+    s = Store(connect(settings)[0], settings)
+    yield s
+    await s.close()
+
+
+def _spy(store: Store) -> list[tuple[str, Any]]:
+    """Every operator call's op and result."""
+    seen: list[tuple[str, Any]] = []
+    real = store.operator_call
+
+    async def spy(op: str, fn: Any) -> Any:
+        result = await real(op, fn)
+        seen.append((op, result))
+        return result
+
+    store.operator_call = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_parts_are_runs_of_bounded_fields_without_the_empty_days() -> None:
+    slots = [("t", f"d{n}") for n in range(6)]
+    f = REPORT_FIELDS_PER_READ
+    sizes = [f * 6 // 10, 0, f * 3 // 10, f * 2 // 10, f * 18 // 10, 0]  # the 4th does not fit with the first two
+    assert list(parts(slots, sizes)) == [[("t", "d0"), ("t", "d2")], [("t", "d3")], [("t", "d4")]]
+    assert list(parts(slots, [0] * 6)) == []
+
+
+async def test_a_report_brings_a_bounded_number_of_fields_per_round_trip(
+        redis_server: RedisServer, store: Store) -> None:
+    first = write_ledger(redis_server, "chargeback", keys=300, days=30)  # 1,500 fields a day
+    ledger = UsageLedger(store, RedisKeys("ep"))
+    seen = _spy(store)
+    rows = await ledger.report("chargeback", first, first + dt.timedelta(days=29), "key", {})
+    assert len(rows) == 300 and {r["requests"] for r in rows} == {2 * 30}
+    hashes = [result for op, result in seen if op == "usage-report" and result and isinstance(result[0], dict)]
+    assert sum(len(h) for h in hashes) == 30  # every day read once
+    assert max(sum(len(fields) for fields in h) for h in hashes) <= REPORT_FIELDS_PER_READ
+
+
+async def test_a_report_lets_other_tasks_run_while_it_adds_up(
+        redis_server: RedisServer, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each Redis round trip the report adds up what it brought, in slices with other tasks running between
+    them (here a slice is as short as can be, so every few hundred fields)."""
+    monkeypatch.setattr("proxy.accounts.usagereport.SLICE_S", 0.0)
+    first = write_ledger(redis_server, "chargeback", keys=300, days=30)
+    ledger = UsageLedger(store, RedisKeys("ep"))
+    turns, idle_turns, in_call = 0, 0, False
+
+    async def ticker() -> None:  # counts the turns it gets while the report has no Redis call in flight
+        nonlocal turns, idle_turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+            idle_turns += not in_call
+
+    real = store.operator_call
+
+    async def marked(op: str, fn: Any) -> Any:
+        nonlocal in_call
+        in_call = True
+        try:
+            return await real(op, fn)
+        finally:
+            in_call = False
+
+    store.operator_call = marked  # type: ignore[method-assign]
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    await ledger.report("chargeback", first, first + dt.timedelta(days=29), "key", {})
+    task.cancel()
+    # 45,000 fields added up in slices of a few hundred: the ticker ran between them
+    assert idle_turns >= 45_000 // 512, (idle_turns, turns)
+
+
+async def test_a_key_list_reads_in_slices(store: Store) -> None:
+    keystore = KeyStore(store, RedisKeys("ep"))
+    made = {(await keystore.create("search" if n % 2 else "ads"))[1].id for n in range(LIST_CHUNK * 2 + 5)}
+    seen = _spy(store)
+    listed = await keystore.list()
+    assert {r.id for r in listed} == made
+    # at most LIST_CHUNK records per round trip (keyindex.py): three slices for 205 keys, each its own call
+    assert [op for op, _ in seen] == ["key-list"] * len(seen) and len(seen) >= 3
+    assert {r.id for r in await keystore.list("ads")} == {r.id for r in listed if r.team == "ads"}
+
+
+async def test_mapped_keeps_order_and_lets_the_loop_turn() -> None:
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    def slow(n: int) -> int:
+        sum(range(2000))  # some microseconds each
+        return n * 2
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    assert await mapped(range(20_000), slow) == [n * 2 for n in range(20_000)]
+    task.cancel()
+    assert turns > 10
+
+
+async def _truth(store: Store, team: str, since: dt.date, until: dt.date) -> list[dict[str, Any]]:
+    """A report by key as every day's ledger hash read whole (HGETALL) and added up."""
+    days = [(since + dt.timedelta(days=n)).isoformat() for n in range((until - since).days + 1)]
+    tally = Tally("key")
+    for d in days:
+        for _ in tally.add([(team, d)], [await store.client.hgetall(RedisKeys("ep").usage(team, d))]):
+            pass
+    return await tally.priced(PRICES)
+
+
+def _scans(store: Store, repeat: bool = False) -> list[tuple[str, int]]:
+    """Every HSCAN piece a report reads (hash, fields); with `repeat`, each piece brings the previous piece's fields
+    again too, as HSCAN may while the hash is rehashed."""
+    seen: list[tuple[str, int]] = []
+    real = store.operator_call
+    last: dict[bytes, bytes] = {}
+
+    async def spy(op: str, fn: Any) -> Any:
+        nonlocal last
+        result = await real(op, fn)
+        if isinstance(fn, functools.partial) and fn.func is usagereport._hscan:
+            seen.append((fn.args[0], len(result[1])))
+            if repeat:
+                result, last = (result[0], {**last, **result[1]}), result[1]
+        return result
+
+    store.operator_call = spy  # type: ignore[method-assign]
+    return seen
+
+
+async def _large_hashes_are_read_in_pieces(store: Store) -> None:
+    """A month of 600 keys x 2 models (month totals of about 3,600 fields) and one day when every key was used:
+    both larger than one read, so read in several HSCAN round trips, and the report is exact."""
+    rng = random.Random(3)
+    ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(float(calendar.timegm((2026, 3, 5, 12, 0, 0)))))
+    busy = calendar.timegm((2026, 2, 10, 12, 0, 0))
+    for k in range(600):
+        for model in PRICES:
+            for at in (busy, calendar.timegm((2026, 2, rng.randrange(1, 29), 9, 0, 0))):
+                ledger.record("big", f"key_{k:04d}", model, rng.randrange(1, 900), rng.randrange(0, 9), at=at)
+        if k % 100 == 99:
+            await ledger.flush()
+    await ledger.flush()
+    month, day = RedisKeys("ep").usage_month("big", "2026-02"), RedisKeys("ep").usage("big", "2026-02-10")
+    assert await store.client.hlen(month) > REPORT_FIELDS_PER_READ
+    assert await store.client.hlen(day) > REPORT_FIELDS_PER_READ
+    for since, until, large in [(dt.date(2026, 2, 1), dt.date(2026, 2, 28), month),
+                                (dt.date(2026, 2, 3), dt.date(2026, 2, 27), month),
+                                (dt.date(2026, 2, 10), dt.date(2026, 2, 10), day)]:
+        for repeat in (False, True):
+            vars(store).pop("operator_call", None)  # the previous spy
+            seen = _scans(store, repeat)
+            rows = await ledger.report("big", since, until, "key", PRICES)
+            assert len(rows) == 600 and rows == await _truth(store, "big", since, until), (since, until, repeat)
+            pieces = [n for name, n in seen if name == large]
+            assert len(pieces) >= 2 and max(pieces) <= 2 * REPORT_FIELDS_PER_READ, pieces
+
+
+async def test_large_hashes_are_read_in_pieces(store: Store) -> None:
+    await store.client.flushall()
+    await _large_hashes_are_read_in_pieces(store)
+
+
+async def test_large_hashes_are_read_in_pieces_on_a_cluster(cluster: Cluster) -> None:
+    settings = RedisSettings(url=cluster.seeds, type="cluster", operator_timeout_s=30)
+    store = Store(connect(settings)[0], settings)
+    try:
+        await _large_hashes_are_read_in_pieces(store)
+    finally:
+        await store.close()
