@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from tests.conftest import free_port
 
 
 class Forwarder:
-    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay_s: float = 0.0, accept_after_s: float = 0.0) -> None:
         self.target_port = target_port
         self.delay_s = delay_s  # added to every chunk, each way, in order
+        # With accept_after_s, the listening socket's accept queue is full until then: a new connection's SYN is
+        # dropped and retried by the kernel a second later, so connecting takes about a second (a loaded host).
+        self.accept_after_s = accept_after_s
+        self._fillers: list[socket.socket] = []
         self.port = free_port()
         self.cut_next = False  # forward the next client chunk, then close both sides before any reply
         self._server: asyncio.Server | None = None
@@ -24,13 +29,34 @@ class Forwarder:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        if not self.accept_after_s:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            return
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(0)
+        for _ in range(3):  # fill the accept queue
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", self.port))
+            self._fillers.append(filler)
+
+        async def accept_later() -> None:
+            await asyncio.sleep(self.accept_after_s)
+            self._server = await asyncio.start_server(self._serve, sock=sock)
+
+        task = asyncio.create_task(accept_later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for w in list(self._writers):
             w.close()
+        for f in self._fillers:
+            f.close()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -131,6 +131,27 @@ async def test_a_flush_that_timed_out_after_redis_applied_it_is_not_counted_twic
     assert list(marks.values()) == [b"3"] and raw.ttl("ep:usage-flushes:{ep:usage:search:2026-11-05}") > 0
 
 
+async def test_operator_work_waits_for_a_slow_connect_and_the_hot_path_does_not(redis_server: RedisServer) -> None:
+    """Connecting to Redis took over socket_timeout_s on a loaded CI host (50 admin writes opening connections at
+    once): each operator call failed although it had 5 s. A connect is now bounded by the call's own limit: an
+    operator call waits for it, a hot-path call still gives up at socket_timeout_s (and marks Redis down)."""
+    fwd = Forwarder(redis_server.port, accept_after_s=0.5)  # a new connection takes about 1 s
+    await fwd.start()
+    settings = RedisSettings(url=fwd.url, socket_timeout_s=0.25, operator_timeout_s=5.0)
+    store = Store(connect(settings)[0], settings)
+    try:
+        hot = asyncio.create_task(store.call("mget", lambda r: r.ping()))
+        started = time.monotonic()
+        assert await store.operator_call("key-create", lambda r: r.ping()) is True
+        assert 0.5 < time.monotonic() - started < 4.0
+        with pytest.raises(StoreUnavailable):
+            await hot
+        assert not store.available
+    finally:
+        await store.close()
+        await fwd.close()
+
+
 async def test_flush_reloads_its_script_after_a_redis_script_flush(redis_server: RedisServer, stores: Any) -> None:
     store = stores()
     ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))

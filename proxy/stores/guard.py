@@ -82,7 +82,10 @@ def connect(settings: RedisSettings, var: str = "REDIS_URL") -> tuple[Any, bool]
         # No per-socket timeout: Store.call bounds every call as a whole (redis-py's own costs a wait_for task per
         # command, and would break the blocking read of the key-change subscription every socket_timeout_s).
         socket_timeout=None,
-        socket_connect_timeout=settings.socket_timeout_s,
+        # Nor a connect limit of the hot path's: a call's own limit bounds its connect (socket_timeout_s for the
+        # hot path, operator_timeout_s for operator work), so operator work on a loaded host is not failed by a
+        # connect that took longer than the hot path would wait.
+        socket_connect_timeout=max(settings.socket_timeout_s, settings.operator_timeout_s),
         max_connections=settings.max_connections,
         decode_responses=False,
         # A command is never sent twice: after a connection error it may have run (a quota charge would count
