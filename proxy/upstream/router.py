@@ -166,7 +166,8 @@ class Router:
         for d in self.models[model]:
             if d.upstream in exclude:
                 continue
-            self.notice(d, now)
+            # silence is found by each call's own timer (attempt.py `_watch`), which looks again after a stalled
+            # loop; looking here too took a deployment whose answer was waiting to be read for silent
             if d.probe_due(now):
                 ready.append(d)  # its pause's probe is due: the call that takes it is the probe (FleetClient)
                 continue
