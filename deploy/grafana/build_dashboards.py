@@ -101,6 +101,12 @@ OVERVIEW: Spec = [
     ("timeseries", "Deployments cooling down (1: out of rotation)", "short", [_q(
         "max by (model, upstream) (embedding_proxy_deployment_cooling_down)", "{{model}} {{upstream}}")],
      {"min": 0, "max": 1}),
+    ("timeseries", "Deployments silent (1: a call unanswered past silent_after_s)", "short", [_q(
+        "max by (model, upstream) (embedding_proxy_deployment_silent)", "{{model}} {{upstream}}")],
+     {"min": 0, "max": 1}),
+    ("timeseries", "Calls steered away from a silent deployment", "reqps", [_q(
+        f"sum by (model, upstream) (rate(embedding_proxy_upstream_silent_steered_total[{RI}]))",
+        "{{model}} {{upstream}}")]),
     ("timeseries", "Upstream attempts per deployment by outcome", "reqps", [_q(
         f"sum by (upstream, outcome) (rate(embedding_proxy_deployment_calls_total[{RI}]))",
         "{{upstream}} {{outcome}}")]),
