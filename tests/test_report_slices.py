@@ -266,3 +266,83 @@ def test_a_tally_over_many_distinct_names_folds_as_it_goes(monkeypatch: pytest.M
     folded = by_day(50)
     assert folded == by_day(10**9)
     assert [(r["day"], r["upstream_tokens"]) for r in folded] == [(f"2026-01-{n:02d}", 120) for n in range(1, 11)]
+
+
+class _Work:
+    """A clock that advances only by the work a Tally does: each value parsed, name decoded or price looked up, one
+    `unit`."""
+
+    def __init__(self, unit: float) -> None:
+        self.now, self.unit = 0.0, unit
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def value(self, n: int) -> Any:
+        work = self
+
+        class Value:
+            def __int__(self) -> int:
+                work.now += work.unit
+                return n
+        return Value()
+
+    def prices(self, prices: dict[str, float]) -> dict[str, float]:
+        work = self
+
+        class Prices(dict[str, float]):
+            def get(self, *args: Any) -> Any:
+                work.now += work.unit
+                return super().get(*args)
+        return Prices(prices)
+
+    def name(self, text: str) -> bytes:
+        work = self
+
+        class Name(bytes):
+            def decode(self, *args: Any, **kwargs: Any) -> str:
+                work.now += work.unit
+                return super().decode(*args, **kwargs)
+        return Name(text.encode())
+
+
+def _holds(work: _Work, steps: Any) -> list[float]:
+    """How long (by `work`'s clock) each run of `steps` held the loop, from one resume to its next yield."""
+    held = []
+    while True:
+        started = work.now
+        try:
+            next(steps)
+        except StopIteration:
+            held.append(work.now - started)
+            return held
+        held.append(work.now - started)
+
+
+def test_folding_the_waiting_names_stays_in_the_slice_it_starts_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names are decoded (folded) within the slice `add` or `rows` is in, not in a fresh slice of their own:
+    before, an `add` that had used most of its slice folded for a whole slice more before it let the loop turn
+    (a live request waited for two slices; measured on a report by day over ledger days: 2 ms steps, never 1 ms
+    before the names were summed raw), and so did `rows` after its fold."""
+    slice_s = usagereport.SLICE_S
+    work = _Work(slice_s / 1000)  # a slice: 1,000 values parsed or names decoded
+    monkeypatch.setattr(usagereport, "time", work)
+    monkeypatch.setattr(Tally, "FOLD_AT", 800)
+    # by key: 900 names, 900 values parsed (most of a slice, in checks of 256), then 900 names to decode
+    days = [{work.name(f"k{k}|m-small|requests"): work.value(1) for k in range(450 * d, 450 * d + 450)}
+            for d in range(2)]
+    tally = Tally("key")
+    held = _holds(work, tally.add([("t", "2026-01-01"), ("t", "2026-01-02")], days))
+    # one check of the clock (every 256 values in add) past the slice at most
+    assert max(held) <= slice_s + 256 * work.unit, held
+    assert len(tally._rows) == 900
+    # rows: the names folded first (900 decoded: most of a slice), then the rows priced (a unit a price looked up)
+    monkeypatch.setattr(Tally, "FOLD_AT", 100_000)
+    tally = Tally("key")
+    tokens = [{work.name(f"k{k}|m-small|upstream_tokens"): work.value(5) for k in range(900)}]
+    for _ in tally.add([("t", "2026-01-01")], tokens):
+        pass
+    out: list[dict[str, Any]] = []
+    held = _holds(work, tally.rows(work.prices(PRICES), out))
+    assert max(held) <= slice_s + 32 * work.unit, held  # a check every 32 names or rows
+    assert len(out) == 900 and all(r["upstream_tokens"] == 5 for r in out)

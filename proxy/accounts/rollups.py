@@ -147,6 +147,9 @@ async def read_months(store: Store, keys: RedisKeys, months: list[Month], by: Gr
     await _add_days(store, keys, reads.fallback, [tally] if series is None else [tally, series], rebuilt)
     await _add_days(store, keys, reads.days, [tally], {})
     await _add_totals(store, keys, reads, tally)
+    for t in (tally, series):
+        if t is not None:  # a malformed field raises here, before a roll-up is written with it (Tally.fold)
+            await sliced(t.fold())
     if reads.rebuild:
         await _write_rebuilt(store, keys, reads.rebuild, rebuilt, ttl_s)
     return await tally.priced(prices), None if series is None else await series.priced(prices)
