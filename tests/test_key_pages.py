@@ -38,8 +38,9 @@ TEAMS = ("ads", "search", "ranking", "ops", "billing")
 async def create_many(ks: KeyStore, n: int, teams: tuple[str, ...] = TEAMS) -> list[KeyRecord]:
     """n keys written as the key store writes one (its own queued commands), 250 to a pipeline (no HTTP, no round
     trip each), the i-th of team teams[i % len(teams)] and named `svc i`: their records, in the lists' order."""
-    now = time.time()
-    made = [KeyRecord(new_key_id(), teams[i % len(teams)], f"svc {i}", now + i * 1e-4) for i in range(n)]
+    # created in the last n * 0.1 ms: a key created for real after them (a test's churn) is listed after them all
+    first = time.time() - n * 1e-4
+    made = [KeyRecord(new_key_id(), teams[i % len(teams)], f"svc {i}", first + i * 1e-4) for i in range(n)]
     made = [replace(r, lineage=r.id) for r in made]
     for start in range(0, n, 250):
 
