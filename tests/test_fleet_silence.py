@@ -94,6 +94,31 @@ async def test_a_lone_slow_call_on_a_models_only_deployment_goes_and_succeeds(
     assert not any(deployment(p, "a").silent or deployment(p, "a").silences for p in (first, second))
 
 
+async def test_a_large_batch_taking_longer_than_usual_does_not_steer_the_fleets_calls_away(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    """a answers a one-input call in about 20 ms and takes 5 ms more per input. One client's 300-input batch takes
+    about 1.5 s: a call that large is expected to take longer, so a is not silent meanwhile and the other clients'
+    calls keep going to it. Before: the batch was found silent after the usual threshold (about 0.1 s) and every
+    process steered its calls to b until the batch answered, so one client's batches moved everyone's traffic."""
+    a, b = await mocks(latency_ms=20, latency_per_input_ms=5), await mocks()
+    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
+    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
+    for p in (first, second):  # each hears a answer calls of the usual size
+        for i in range(10):
+            assert (await p.embed(key, {"model": MODEL, "input": f"warm {id(p)} {i}"})).status == 200
+    b_before = b.state.requests
+    batch = asyncio.create_task(first.embed(key, {"model": MODEL, "input": [f"batch {i}" for i in range(300)]}))
+    await asyncio.sleep(0.5)  # several usual thresholds into the batch
+    for i in range(5):  # the other clients' calls, in both processes, while the batch is in flight
+        for p in (first, second):
+            assert (await p.embed(key, {"model": MODEL, "input": f"meanwhile {id(p)} {i}"})).status == 200
+    assert not batch.done()
+    assert (await batch).status == 200
+    assert b.state.requests == b_before  # nothing steered to b
+    assert not any(deployment(p, "a").silences for p in (first, second))
+
+
 async def test_a_slow_deployment_that_answers_under_traffic_is_not_avoided(
     make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
 ) -> None:
@@ -244,3 +269,26 @@ def test_the_threshold_adapts_to_the_answers_heard_and_a_setting_overrides_it() 
     assert s.since() is None and s.ended(token) is False
     later = s.sent(201.0)
     assert s.silent(fixed, 201.6) == 201.0 and s.ended(later) is True and s.since() is None
+
+
+def test_a_call_larger_than_usual_is_given_longer_before_it_is_silence() -> None:
+    """The allowance of a call scales with its size against the usual size of the calls answered (their smoothed
+    token count): a 20 times larger call gets 20 times the threshold, never more than the attempt timeout; a call
+    of the usual size or smaller gets the threshold. Its answer time counts per usual-size call."""
+    adaptive = UpstreamSettings(attempt_timeout_s=10.0)
+    s = Silence()
+    assert s.factor(5000) == 1.0  # nothing answered yet: no usual size
+    for _ in range(20):
+        s.heard(0.05, s.factor(100), 100)
+    usual = s.threshold(adaptive)
+    assert s.factor(100) == s.factor(10) == 1.0 and s.factor(2000) == pytest.approx(20)
+    assert s.threshold(adaptive, 20.0) == pytest.approx(20 * usual) and s.threshold(adaptive, 1e6) == 10.0
+    s.sent(100.0, s.factor(2000))
+    assert s.silent(adaptive, 100.0 + 5 * usual) is None  # 5 thresholds in: a 20x call has time yet
+    assert s.silent(adaptive, 100.0 + 20 * usual + 0.001) == 100.0
+    s.covered()
+    s.sent(200.0, s.factor(2000))
+    s.sent(200.1, s.factor(100))  # a call of the usual size, sent later: silent at its own threshold
+    assert s.silent(adaptive, 200.1 + usual + 0.001) == 200.1
+    s.heard(1.0, s.factor(2000), 2000)  # the big call in 1 s: 0.05 s per usual-size call, as the others
+    assert s.threshold(adaptive) == pytest.approx(usual, rel=0.05)

@@ -36,6 +36,7 @@ def _default_models() -> dict[str, MockModel]:
 class MockSettings:
     api_key: str | None = None  # when set, /v1 requests need `Authorization: Bearer <api_key>`
     latency_ms: float = 0.0  # added sleep per embeddings request
+    latency_per_input_ms: float = 0.0  # and per input in it (a large batch takes longer, as on a real server)
     token_skew: int = 0  # extra tokens reported in `usage` per input
     shuffle: bool = False  # return `data` in reversed order (indexes stay correct)
     floats_only: bool = False  # answer float arrays even when asked for base64, as some compatible servers do

@@ -126,7 +126,8 @@ async def _embed(request: web.Request, state: MockState, settings: MockSettings,
     elif (denied := _check_auth(request, settings)) is not None:
         return denied
     body = await _read_body(request, state, azure_model)
-    await asyncio.sleep(settings.latency_ms / 1000)
+    inputs = count_items(body.get("input")) if isinstance(body, dict) else 0
+    await asyncio.sleep((settings.latency_ms + settings.latency_per_input_ms * inputs) / 1000)
     mode = None
     if state.pending:
         failure = state.pending.popleft()

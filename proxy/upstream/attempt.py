@@ -75,15 +75,16 @@ class Attempts:
     ) -> UpstreamResult | Failure:
         budget = d.budget
         budget.take(tokens, sent_at := self._clock())
-        token = d.silence.sent(sent_at)
-        watch = self._watch(d)
+        size = d.silence.factor(tokens)  # a call larger than usual is given longer before it is silence
+        token = d.silence.sent(sent_at, size)
+        watch = self._watch(d, size)
         answered: list[Mapping[str, str]] = []  # the answer's headers (Bedrock counts tokens in them)
         heard = False  # the deployment answered (headers, or a refused or reset connection)
 
         def on_headers(status: int, headers: Mapping[str, str]) -> None:
             now = self._clock()
             if not answered:
-                d.silence.heard(now - sent_at)
+                d.silence.heard(now - sent_at, size, tokens)
             budget.observe(headers, now, tokens)
             if hear is not None:
                 hear(headers)
@@ -109,7 +110,7 @@ class Attempts:
                               unconfirmed=exc.unconfirmed)
             heard = bool(answered) or not exc.silent
             if heard and not answered:  # a refused or reset connection: an answer of a kind
-                d.silence.heard(self._clock() - sent_at)
+                d.silence.heard(self._clock() - sent_at, size)
         except ProxyError as exc:  # 400 (relayed), refused credentials, other statuses: not worth a retry here
             # ... unless the refused credentials were a cached token the kind dropped (Vertex): a new one may pass
             again = (d.auth is not None and isinstance(exc, UpstreamBadGateway) and exc.kind == "auth"
@@ -130,18 +131,18 @@ class Attempts:
                 handle.cancel()
         kind = self._failed(d, failure, heard)
         if unheard and not heard:  # nothing from it since this call went out: silent, if that was long enough
-            self._router.notice(d, self._clock(), sent_at)
+            self._router.notice(d, self._clock(), sent_at, size)
         if m is not None:
             m.observe_deployment(d.model, d.upstream, kind, time.perf_counter() - started)
         return failure
 
-    def _watch(self, d: Deployment) -> list[asyncio.TimerHandle]:
+    def _watch(self, d: Deployment, size: float) -> list[asyncio.TimerHandle]:
         """A call to `d` goes out now: look again when, unanswered, it would make `d` silent (the fleet hears of it
         then, not at this process's next call to the model); the timers to cancel when it ends. A look that runs
         late (the event loop stalled: a large input tokenized, a GC pause) looks once more a moment later: an answer
         that came during the stall is read first, which a timer run in the same loop pass would not see."""
         handles: list[asyncio.TimerHandle] = []
-        after = d.silence.threshold(d.settings)
+        after = d.silence.threshold(d.settings, size)
         if d.silent or d.solo or math.isinf(after):
             return handles
         loop = asyncio.get_running_loop()

@@ -203,13 +203,14 @@ class Router:
                 return Choice(d, 0.0)
         return Choice(pool[-1], 0.0)
 
-    def notice(self, d: Deployment, now: float, ended: float | None = None) -> None:
+    def notice(self, d: Deployment, now: float, ended: float | None = None, size: float = 1.0) -> None:
         """Whether `d` has gone silent by this process's calls to it (silence.py): one in flight, or one sent at
-        `ended` that just ended (timed out) with nothing heard from `d` since it was sent."""
+        `ended` (`size` times the usual size) that just ended (timed out) with nothing heard from `d` since it was
+        sent."""
         if d.silent:
             return
         since = d.silence.silent(d.settings, now)
-        if since is None and ended is not None and now - ended >= d.silence.threshold(d.settings):
+        if since is None and ended is not None and now - ended >= d.silence.threshold(d.settings, size):
             since = ended
         if since is not None:
             self.hush(d, since, now)

@@ -11,6 +11,10 @@ How long is too long (`threshold`): the upstream's `silent_after_s`, or adaptive
 twice the smoothed answer time and 0.1 s more than it (a deployment whose answers are very regular has almost no
 deviation: a little jitter on a loaded machine must not read as silence), and 1 s until this process has heard the
 deployment answer once; never more than `attempt_timeout_s` (an attempt that timed out unanswered is silence too).
+A call larger than usual is given longer: the threshold times its size against the smoothed size (in tokens) of the
+calls answered, when larger (`factor`), still capped by `attempt_timeout_s`; its answer time counts per call of the
+usual size. Without it, one client's batch ten times the usual size was silence at the usual threshold, and the whole
+fleet steered everyone's calls away from the deployment until the batch answered.
 One slow answer (a large batch, a new connection) widens it at once and is forgotten over the next few answers; a
 decaying maximum was tried first and kept a first call's connection set-up in the threshold for minutes. Under
 traffic, answers keep coming from a slow deployment that works, so a slow call is not silence; a lone slow call may
@@ -32,24 +36,33 @@ COLD_S = 1.0  # the adaptive threshold before any answer was heard (RFC 6298's i
 class Silence:
     """This process's calls in flight to one deployment, and how long its answers take."""
 
-    __slots__ = ("_next", "_unheard", "deviation", "smoothed")
+    __slots__ = ("_next", "_unheard", "deviation", "size", "smoothed")
 
     def __init__(self) -> None:
-        self._unheard: dict[int, float] = {}  # calls sent since the last answer, still in flight: send times, in order
+        # calls sent since the last answer, still in flight: (send time, size factor), in order
+        self._unheard: dict[int, tuple[float, float]] = {}
         self._next = 0
-        self.smoothed: float | None = None  # the smoothed answer time (None: no answer heard yet)
+        self.smoothed: float | None = None  # the smoothed answer time of a call of the usual size (None: none yet)
         self.deviation = 0.0  # its smoothed deviation
+        self.size: float | None = None  # the smoothed size of the calls answered, in tokens
 
-    def sent(self, now: float) -> int:
-        """A call goes out now: its token, for `ended`."""
+    def factor(self, tokens: int) -> float:
+        """How many calls of the usual size a call of `tokens` is (at least 1)."""
+        return 1.0 if self.size is None or tokens <= self.size else tokens / self.size
+
+    def sent(self, now: float, factor: float = 1.0) -> int:
+        """A call (`factor` times the usual size) goes out now: its token, for `ended`."""
         self._next += 1
-        self._unheard[self._next] = now
+        self._unheard[self._next] = (now, factor)
         return self._next
 
-    def heard(self, took: float) -> None:
-        """The deployment answered this process (after `took` seconds): every call sent before it is covered."""
+    def heard(self, took: float, factor: float = 1.0, tokens: int = 0) -> None:
+        """The deployment answered this process (after `took` seconds, a call `factor` times the usual size, of
+        `tokens`): every call sent before it is covered."""
         self.covered()
-        took = max(took, 0.0)
+        if tokens > 0:
+            self.size = float(tokens) if self.size is None else self.size + GAIN * (tokens - self.size)
+        took = max(took, 0.0) / max(factor, 1.0)
         if self.smoothed is None:
             self.smoothed, self.deviation = took, took / 2
         else:
@@ -66,10 +79,11 @@ class Silence:
 
     def since(self) -> float | None:
         """When the oldest call in flight that no answer has covered was sent (None: none)."""
-        return next(iter(self._unheard.values()), None)
+        return next((sent for sent, _ in self._unheard.values()), None)
 
-    def threshold(self, settings: UpstreamSettings) -> float:
-        """How long a call may go unanswered before the deployment is silent (inf: never)."""
+    def threshold(self, settings: UpstreamSettings, factor: float = 1.0) -> float:
+        """How long a call (`factor` times the usual size) may go unanswered before the deployment is silent (inf:
+        never)."""
         fixed = settings.silent_after_s
         if fixed == 0:
             return math.inf
@@ -79,9 +93,13 @@ class Silence:
             after = COLD_S
         else:
             after = self.smoothed + max(DEVIATIONS * self.deviation, self.smoothed, SILENT_FLOOR_S)
-        return min(after, settings.attempt_timeout_s)
+        return min(after * max(factor, 1.0), settings.attempt_timeout_s)
 
     def silent(self, settings: UpstreamSettings, now: float) -> float | None:
-        """When the call that makes the deployment silent now was sent (None: it is not silent)."""
-        since = self.since()
-        return since if since is not None and now - since >= self.threshold(settings) else None
+        """When the first call that makes the deployment silent now was sent: unanswered past its own threshold
+        (None: it is not silent)."""
+        usual = self.threshold(settings)
+        for sent, factor in self._unheard.values():
+            if now - sent >= (usual if factor == 1.0 else self.threshold(settings, factor)):
+                return sent
+        return None
