@@ -20,37 +20,16 @@ mocks = test_fleet.mocks
 pytestmark = pytest.mark.redis
 
 
+@pytest.mark.parametrize("then", ["answer", "choice"])
 async def test_a_stalled_event_loop_does_not_make_a_deployment_that_answered_meanwhile_silent(
-    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str, then: str
 ) -> None:
     """a answers in 30 ms; this process's loop stalls 0.4 s (a large input tokenized, a GC pause) right after a call
     to a went out. The answer is in the socket when the loop resumes: a was never silent. Before: the silence timer
-    ran before the answer was read, and the fleet was told a was silent."""
-    a, b = await mocks(), await mocks()
-    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
-    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
-    d = deployment(first, "a")
-    for i in range(10):  # warm: the adaptive threshold at its floor
-        assert (await first.embed(key, {"model": MODEL, "input": f"warm {i}"})).status == 200
-    assert d.silence.threshold(d.settings) < 0.2
-    a.settings.latency_ms = 30
-    for i in range(3):
-        before = a.state.requests
-        call = asyncio.create_task(first.embed(key, {"model": MODEL, "input": f"stalled {i}"}))
-        await within(lambda before=before: a.state.requests > before)  # a has the call
-        await asyncio.sleep(0)
-        time.sleep(0.4)  # noqa: ASYNC251 - the loop stalls on purpose: a's answer comes meanwhile
-        assert (await call).status == 200
-    await first.app[FLEET].router.share.settle()
-    assert d.silences == 0 and not deployment(second, "a").silent
-
-
-async def test_a_choice_right_after_a_stalled_loop_does_not_make_a_deployment_that_answered_meanwhile_silent(
-    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
-) -> None:
-    """As above, but the first thing the loop runs after the stall is another request choosing a deployment (queued
-    before a's answer is read). Before: `Router.choose` looked for silence itself, without the timer's second look,
-    and took a for silent; only the per-call timer decides now."""
+    ran before the answer was read, and the fleet was told a was silent. With "choice", the first thing the loop
+    runs after the stall is another request choosing a deployment (queued before a's answer is read). Before:
+    `Router.choose` looked for silence itself, without the timer's second look, and took a for silent; only the
+    per-call timer decides now."""
     a, b = await mocks(), await mocks()
     up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
     first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
@@ -62,10 +41,11 @@ async def test_a_choice_right_after_a_stalled_loop_does_not_make_a_deployment_th
     router, loop = first.app[FLEET].router, asyncio.get_running_loop()
     for i in range(3):
         before = a.state.requests
-        call = asyncio.create_task(first.embed(key, {"model": MODEL, "input": f"stalled choice {i}"}))
+        call = asyncio.create_task(first.embed(key, {"model": MODEL, "input": f"stalled {then} {i}"}))
         await within(lambda before=before: a.state.requests > before)  # a has the call
         await asyncio.sleep(0)
-        loop.call_soon(lambda: router.choose(MODEL, 1, time.monotonic()))  # runs before the answer is read
+        if then == "choice":
+            loop.call_soon(lambda: router.choose(MODEL, 1, time.monotonic()))  # runs before the answer is read
         time.sleep(0.4)  # noqa: ASYNC251 - the loop stalls on purpose: a's answer comes meanwhile
         assert (await call).status == 200
     await router.share.settle()
