@@ -30,7 +30,15 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from ..config import RedisSettings
 from ..telemetry.looplag import LoopLag
-from .topology import NodeSubscriber, TopologyError, build_client, confirm_master, is_cluster, is_sentinel
+from .topology import (
+    CLUSTER_CONNECT_SHARE,
+    NodeSubscriber,
+    TopologyError,
+    build_client,
+    confirm_master,
+    is_cluster,
+    is_sentinel,
+)
 
 log = logging.getLogger("proxy.store")
 # A timeout noticed later than this fraction of its limit past its deadline is blamed on a stalled event loop.
@@ -84,8 +92,8 @@ def connect(settings: RedisSettings, var: str = "REDIS_URL") -> tuple[Any, bool]
         socket_timeout=None,
         # Nor a connect limit of the hot path's: a call's own limit bounds its connect (socket_timeout_s for the
         # hot path, operator_timeout_s for operator work), so operator work on a loaded host is not failed by a
-        # connect that took longer than the hot path would wait.
-        socket_connect_timeout=max(settings.socket_timeout_s, settings.operator_timeout_s),
+        # connect that took longer than the hot path would wait (on a cluster, a share of it per node).
+        socket_connect_timeout=connect_limit(settings),
         max_connections=settings.max_connections,
         decode_responses=False,
         # A command is never sent twice: after a connection error it may have run (a quota charge would count
@@ -98,6 +106,15 @@ def connect(settings: RedisSettings, var: str = "REDIS_URL") -> tuple[Any, bool]
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return client, False
+
+
+def connect_limit(settings: RedisSettings) -> float:
+    """How long redis-py may take to open one connection. The call that opens it bounds it too (Store.call), so this
+    only matters to operator work: operator_timeout_s, or on a cluster a share of it per node, since a topology
+    refresh tries the nodes one after another and a node whose host is gone (SYNs dropped, no refusal) would take
+    the operator call's whole limit before any other node was asked."""
+    limit = settings.operator_timeout_s * (CLUSTER_CONNECT_SHARE if settings.type == "cluster" else 1.0)
+    return max(settings.socket_timeout_s, limit)
 
 
 class Store:

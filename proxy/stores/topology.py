@@ -192,6 +192,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 # The share of socket_timeout_s one sentinel may take to connect, and to answer.
 SENTINEL_TIMEOUT_SHARE = 0.5
+# The share of operator_timeout_s one cluster node may take to connect: a topology refresh (CLUSTER SLOTS) asks the
+# nodes one after another, so a node that drops SYNs (its host gone) must leave an operator call time for the next
+# ones; a connect that needed one SYN retransmission (about 1 s, a loaded host) still fits with the defaults.
+CLUSTER_CONNECT_SHARE = 1 / 3
 
 
 def build_client(settings: RedisSettings, var: str = "REDIS_URL", **kwargs: Any) -> Any:
