@@ -292,3 +292,54 @@ def test_a_call_larger_than_usual_is_given_longer_before_it_is_silence() -> None
     assert s.silent(adaptive, 200.1 + usual + 0.001) == 200.1
     s.heard(1.0, s.factor(2000), 2000)  # the big call in 1 s: 0.05 s per usual-size call, as the others
     assert s.threshold(adaptive) == pytest.approx(usual, rel=0.05)
+
+
+async def test_one_clients_batches_one_after_another_do_not_steer_the_fleets_calls_away(
+    make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
+) -> None:
+    """As above, but the client sends its 300-input batches one after another (a backfill), with little other
+    traffic: neither batch makes a silent. Before: the first batch dragged the usual size (the plain mean of the
+    calls' tokens) from a few tokens to about an eighth of the batch, so the second got about 8 times the threshold,
+    not 300 times: it was found silent after about 1 s and every process steered its calls to b."""
+    a, b = await mocks(latency_ms=20, latency_per_input_ms=5), await mocks()
+    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
+    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
+    for p in (first, second):  # each hears a answer calls of the usual size
+        for i in range(10):
+            assert (await p.embed(key, {"model": MODEL, "input": f"warm {id(p)} {i}"})).status == 200
+    b_before = b.state.requests
+    for n in range(2):  # the second batch is sent when the first has answered, nothing else in flight
+        batch = asyncio.create_task(first.embed(key, {"model": MODEL, "input": [f"batch {n} {i}" for i in range(300)]}))
+        await asyncio.sleep(1.2)  # most of the batch's time, alone
+        for i in range(3):  # the other clients' calls, in both processes, while the batch is in flight
+            for p in (first, second):
+                assert (await p.embed(key, {"model": MODEL, "input": f"meanwhile {n} {id(p)} {i}"})).status == 200
+        assert (await batch).status == 200
+    assert b.state.requests == b_before  # nothing steered to b
+    assert not any(deployment(p, "a").silences for p in (first, second))
+
+
+def test_the_usual_size_is_not_dragged_to_large_calls_and_a_large_fast_call_does_not_shorten_the_threshold() -> None:
+    """Batches one after another, or one huge call, keep the usual size near the usual calls' (a geometric mean):
+    the next 300-input batch is still given about 300 usual thresholds. Before: the plain mean moved an eighth of
+    the way to each large call (10 tokens to about 200 after one 1,600-token batch), so the next batch got 8 usual
+    thresholds and was silence. A large call that took only as long as a usual one (a fixed overhead) does not
+    count as faster than that."""
+    adaptive = UpstreamSettings(attempt_timeout_s=10.0)
+    s = Silence()
+    for _ in range(20):
+        s.heard(0.025, s.factor(10), 10)
+    usual = s.threshold(adaptive)
+    s.heard(1.52, s.factor(1600), 1600)  # a 300-input batch: 160 usual calls, about 10 ms each
+    assert s.factor(1600) > 50 and s.threshold(adaptive, s.factor(1600)) > 1.52
+    s.heard(1.0, s.factor(100_000), 100_000)  # one huge call
+    assert s.factor(1600) > 25 and s.threshold(adaptive, s.factor(1600)) > 1.52
+    t = Silence()
+    for _ in range(20):
+        t.heard(0.3, t.factor(10), 10)  # 0.3 s whatever the size: a fixed overhead
+    before = t.threshold(adaptive)
+    for _ in range(20):
+        t.heard(0.3, t.factor(1000), 1000)
+        t.heard(0.3, t.factor(10), 10)
+    assert t.threshold(adaptive) >= before * 0.99 and t.threshold(adaptive) > 0.3
+    assert usual == pytest.approx(s.threshold(adaptive), rel=0.5)

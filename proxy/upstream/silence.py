@@ -11,10 +11,14 @@ How long is too long (`threshold`): the upstream's `silent_after_s`, or adaptive
 twice the smoothed answer time and 0.1 s more than it (a deployment whose answers are very regular has almost no
 deviation: a little jitter on a loaded machine must not read as silence), and 1 s until this process has heard the
 deployment answer once; never more than `attempt_timeout_s` (an attempt that timed out unanswered is silence too).
-A call larger than usual is given longer: the threshold times its size against the smoothed size (in tokens) of the
+A call larger than usual is given longer: the threshold times its size against the usual size (in tokens) of the
 calls answered, when larger (`factor`), still capped by `attempt_timeout_s`; its answer time counts per call of the
-usual size. Without it, one client's batch ten times the usual size was silence at the usual threshold, and the whole
-fleet steered everyone's calls away from the deployment until the batch answered.
+usual size (but no faster than it took: a large call that took no longer than usual calls, its time a fixed
+overhead, does not make the usual calls' threshold shorter). Without it, one client's batch ten times the usual size
+was silence at the usual threshold, and the whole fleet steered everyone's calls away from the deployment until the
+batch answered. The usual size is smoothed as a geometric mean (gain 1/8 on the logarithm): a plain mean moved an
+eighth of the way to each batch, so a client's second 300-input batch in a row was only 8 usual calls, not 300, and
+was silence again (as was a batch after one huge call).
 One slow answer (a large batch, a new connection) widens it at once and is forgotten over the next few answers; a
 decaying maximum was tried first and kept a first call's connection set-up in the threshold for minutes. Under
 traffic, answers keep coming from a slow deployment that works, so a slow call is not silence; a lone slow call may
@@ -44,7 +48,7 @@ class Silence:
         self._next = 0
         self.smoothed: float | None = None  # the smoothed answer time of a call of the usual size (None: none yet)
         self.deviation = 0.0  # its smoothed deviation
-        self.size: float | None = None  # the smoothed size of the calls answered, in tokens
+        self.size: float | None = None  # the usual size of the calls answered, in tokens (smoothed geometric mean)
 
     def factor(self, tokens: int) -> float:
         """How many calls of the usual size a call of `tokens` is (at least 1)."""
@@ -60,9 +64,11 @@ class Silence:
         """The deployment answered this process (after `took` seconds, a call `factor` times the usual size, of
         `tokens`): every call sent before it is covered."""
         self.covered()
-        if tokens > 0:
-            self.size = float(tokens) if self.size is None else self.size + GAIN * (tokens - self.size)
-        took = max(took, 0.0) / max(factor, 1.0)
+        took = max(took, 0.0)
+        if factor > 1.0:  # per call of the usual size, but never faster than the raw time says (fixed overheads)
+            took = took / factor if self.smoothed is None else max(took / factor, min(took, self.smoothed))
+        if tokens > 0:  # smoothed in log space: a large call moves the usual size by a ratio, not by its tokens
+            self.size = float(tokens) if self.size is None else self.size * (tokens / self.size) ** GAIN
         if self.smoothed is None:
             self.smoothed, self.deviation = took, took / 2
         else:
