@@ -153,6 +153,24 @@ async def test_operator_work_waits_for_a_slow_connect_and_the_hot_path_does_not(
         await fwd.close()
 
 
+async def test_start_up_reads_the_cache_secret_as_operator_work(
+    make_proxy: Any, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Redis 0.3 s a round trip away (a cluster still forming, a loaded host): reading the shared cache secret at
+    start-up is not a request's call, so it gets operator_timeout_s and never marks Redis down. Before: it had
+    socket_timeout_s (0.25 s), timed out, and Redis was bypassed, so the first requests with a key this process had
+    not verified got 503 (a CI run on a Redis Cluster)."""
+    fwd = Forwarder(redis_server.port, delay_s=0.15)
+    await fwd.start()
+    try:
+        p: Proxy = await make_proxy(make_settings(upstream.base_url, fwd.url, ""))
+        assert p.app[STORE].available
+        stored = redis_server.client().get("ep:meta:cache-secret")
+        assert stored is not None  # the secret this process adopted is the fleet's
+    finally:
+        await fwd.close()
+
+
 async def test_flush_reloads_its_script_after_a_redis_script_flush(redis_server: RedisServer, stores: Any) -> None:
     store = stores()
     ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))

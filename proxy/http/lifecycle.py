@@ -39,7 +39,7 @@ async def _start(parts: Parts) -> None:
         log.warning("REDIS_URL is not set: using the embedded in-process store (one process, not durable)")
     await parts.upstream.start()
     try:
-        await parts.cache.seed()
+        await parts.cache.seed(at_start=True)
         await parts.generations.refresh()
     except StoreUnavailable:
         log.warning("redis unreachable at start-up: the cache is bypassed until it answers")

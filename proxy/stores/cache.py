@@ -49,11 +49,16 @@ class EmbeddingCache:
         self._reads: list[_Read] = []  # reads waiting for this loop turn's pipeline
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def seed(self) -> int:
-        """The hash seed. Without PROXY_CACHE_SECRET every instance adopts the first secret stored in Redis."""
+    async def seed(self, *, at_start: bool = False) -> int:
+        """The hash seed. Without PROXY_CACHE_SECRET every instance adopts the first secret stored in Redis. At
+        start-up (`at_start`) it is read as operator work: `operator_timeout_s`, and a slow Redis (a cluster still
+        forming, a loaded host) is not marked down for the requests that follow; a request that finds it unknown
+        reads it within its own limit."""
         if self._seed is None:
             if self._state.embedded:
                 self._seed = seed_from_secret(secrets.token_urlsafe(32))
+            elif at_start:
+                self._seed = seed_from_secret(await self._state.operator_call("cache-secret", self._shared_secret))
             else:
                 self._seed = seed_from_secret(await self._state.call("cache-secret", self._shared_secret))
         return self._seed
