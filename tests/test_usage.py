@@ -171,6 +171,24 @@ async def test_start_up_reads_the_cache_secret_as_operator_work(
         await fwd.close()
 
 
+async def test_start_up_does_not_wait_out_the_operator_limit_on_a_redis_that_never_answers(
+    make_proxy: Any, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Redis's host gone (SYNs dropped, nothing refused) and operator_timeout_s 10 s (long usage reports): with the
+    cache secret read at start-up as operator work, the port opened only after all of it, so /healthz (liveness)
+    went unanswered that long (break-it review of the change above). Start-up now gives the read at most
+    START_READ_S (2 s); it took socket_timeout_s before that change."""
+    fwd = Forwarder(redis_server.port, accept_after_s=60.0)  # SYNs dropped for the whole test
+    await fwd.start()
+    try:
+        settings = make_settings(upstream.base_url, fwd.url, "[redis]\noperator_timeout_s = 10.0\n")
+        async with asyncio.timeout(4.0):
+            p: Proxy = await make_proxy(settings)
+            assert (await p.client.get("/healthz")).status == 200
+    finally:
+        await fwd.close()
+
+
 async def test_flush_reloads_its_script_after_a_redis_script_flush(redis_server: RedisServer, stores: Any) -> None:
     store = stores()
     ledger = UsageLedger(store, RedisKeys("ep"), clock=Clock(NOON))

@@ -38,6 +38,10 @@ class _Read:
     future: asyncio.Future[list[Any]]  # its replies: the MGET's, then those of what `also` queued
 
 
+# The longest start-up waits for the shared cache secret (an operator read: it never marks Redis down).
+START_READ_S = 2.0
+
+
 class EmbeddingCache:
     def __init__(self, store: Store, keys: RedisKeys, *, ttl_s: int, secret: str = "", state: Store | None = None
                  ) -> None:
@@ -51,14 +55,17 @@ class EmbeddingCache:
 
     async def seed(self, *, at_start: bool = False) -> int:
         """The hash seed. Without PROXY_CACHE_SECRET every instance adopts the first secret stored in Redis. At
-        start-up (`at_start`) it is read as operator work: `operator_timeout_s`, and a slow Redis (a cluster still
-        forming, a loaded host) is not marked down for the requests that follow; a request that finds it unknown
-        reads it within its own limit."""
+        start-up (`at_start`) it is read as operator work, which never marks Redis down, within `START_READ_S` (or
+        `operator_timeout_s` when shorter): a slow Redis (a cluster still forming, a loaded host) is not marked down
+        for the requests that follow, and a Redis whose host is gone holds the start (the port, /healthz) back no
+        longer than that. A request that finds it unknown reads it within its own limit."""
         if self._seed is None:
             if self._state.embedded:
                 self._seed = seed_from_secret(secrets.token_urlsafe(32))
             elif at_start:
-                self._seed = seed_from_secret(await self._state.operator_call("cache-secret", self._shared_secret))
+                limit = max(self._state.timeout_s, min(self._state.operator_timeout_s, START_READ_S))
+                self._seed = seed_from_secret(await self._state.call(
+                    "cache-secret", self._shared_secret, timeout_s=limit, mark_down=False))
             else:
                 self._seed = seed_from_secret(await self._state.call("cache-secret", self._shared_secret))
         return self._seed

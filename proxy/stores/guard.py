@@ -149,6 +149,11 @@ class Store:
         self._down = False
 
     @property
+    def timeout_s(self) -> float:
+        """A hot-path call's time limit (`socket_timeout_s`)."""
+        return self._timeout
+
+    @property
     def available(self) -> bool:
         return not self._down or self._clock() >= self._down_until
 
