@@ -94,6 +94,18 @@ async def test_a_lone_slow_call_on_a_models_only_deployment_goes_and_succeeds(
     assert not any(deployment(p, "a").silent or deployment(p, "a").silences for p in (first, second))
 
 
+async def sized_pair(make_proxy: ProxyFactory, mocks: Mocks, redis_url: str) -> tuple[Any, Any, Proxy, Proxy, str]:
+    """a answers a one-input call in about 20 ms plus 5 ms per input, b at once; a is preferred (weights), and both
+    processes have heard a answer calls of the usual size (one input)."""
+    a, b = await mocks(latency_ms=20, latency_per_input_ms=5), await mocks()
+    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
+    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
+    for p in (first, second):  # each hears a answer calls of the usual size
+        for i in range(10):
+            assert (await p.embed(key, {"model": MODEL, "input": f"warm {id(p)} {i}"})).status == 200
+    return a, b, first, second, key
+
+
 async def test_a_large_batch_taking_longer_than_usual_does_not_steer_the_fleets_calls_away(
     make_proxy: ProxyFactory, mocks: Mocks, redis_url: str
 ) -> None:
@@ -101,12 +113,7 @@ async def test_a_large_batch_taking_longer_than_usual_does_not_steer_the_fleets_
     about 1.5 s: a call that large is expected to take longer, so a is not silent meanwhile and the other clients'
     calls keep going to it. Before: the batch was found silent after the usual threshold (about 0.1 s) and every
     process steered its calls to b until the batch answered, so one client's batches moved everyone's traffic."""
-    a, b = await mocks(latency_ms=20, latency_per_input_ms=5), await mocks()
-    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
-    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
-    for p in (first, second):  # each hears a answer calls of the usual size
-        for i in range(10):
-            assert (await p.embed(key, {"model": MODEL, "input": f"warm {id(p)} {i}"})).status == 200
+    _, b, first, second, key = await sized_pair(make_proxy, mocks, redis_url)
     b_before = b.state.requests
     batch = asyncio.create_task(first.embed(key, {"model": MODEL, "input": [f"batch {i}" for i in range(300)]}))
     await asyncio.sleep(0.5)  # several usual thresholds into the batch
@@ -301,12 +308,7 @@ async def test_one_clients_batches_one_after_another_do_not_steer_the_fleets_cal
     traffic: neither batch makes a silent. Before: the first batch dragged the usual size (the plain mean of the
     calls' tokens) from a few tokens to about an eighth of the batch, so the second got about 8 times the threshold,
     not 300 times: it was found silent after about 1 s and every process steered its calls to b."""
-    a, b = await mocks(latency_ms=20, latency_per_input_ms=5), await mocks()
-    up = up_toml("a", a, attempt_timeout_s=5.0) + up_toml("b", b)
-    first, second, key = await pair(make_proxy, redis_url, up, even(", weight = 1000", ", weight = 0.001"))
-    for p in (first, second):  # each hears a answer calls of the usual size
-        for i in range(10):
-            assert (await p.embed(key, {"model": MODEL, "input": f"warm {id(p)} {i}"})).status == 200
+    _, b, first, second, key = await sized_pair(make_proxy, mocks, redis_url)
     b_before = b.state.requests
     for n in range(2):  # the second batch is sent when the first has answered, nothing else in flight
         batch = asyncio.create_task(first.embed(key, {"model": MODEL, "input": [f"batch {n} {i}" for i in range(300)]}))
