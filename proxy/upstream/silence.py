@@ -104,8 +104,5 @@ class Silence:
     def silent(self, settings: UpstreamSettings, now: float) -> float | None:
         """When the first call that makes the deployment silent now was sent: unanswered past its own threshold
         (None: it is not silent)."""
-        usual = self.threshold(settings)
-        for sent, factor in self._unheard.values():
-            if now - sent >= (usual if factor == 1.0 else self.threshold(settings, factor)):
-                return sent
-        return None
+        return next((sent for sent, factor in self._unheard.values()
+                     if now - sent >= self.threshold(settings, factor)), None)
