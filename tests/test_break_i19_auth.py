@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ProxyFactory
-from tests.helpers import served
+from tests.helpers import served, until
 from tests.providers import AWS_KEY_ID, AWS_SECRET, Mocks, provider_settings
 
 pytestmark = pytest.mark.redis
@@ -104,9 +104,12 @@ async def test_credentials_not_yet_due_sign_while_a_stalled_refresh_runs(
     assert resp.status == 200, (await resp.text())[:300]
     assert endpoint.requests == 2  # resolved, then refreshed (the call waited: no credentials were held yet)
     endpoint.stall = asyncio.Event()
+    first = asyncio.create_task(proxy.embed(key, {"model": "titan-v2", "input": "starts the refresh"}))
+    await until(lambda: endpoint.waiting >= 1)  # the refresh has reached the endpoint (a CI run once read it before)
     answers = await asyncio.gather(*(proxy.embed(key, {"model": "titan-v2", "input": f"text {i}"})
                                      for i in range(4)))
-    assert [a.status for a in answers] == [200] * 4, (await answers[0].text())[:300]
+    answers.append(await first)
+    assert [a.status for a in answers] == [200] * 5, (await answers[0].text())[:300]
     assert endpoint.waiting >= 1  # while the refresh is held by the stall
 
 
